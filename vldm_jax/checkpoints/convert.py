@@ -1,0 +1,149 @@
+"""Table-driven conversion of PyTorch state dicts (diffusers, transformers, original single files) to NNX state.
+
+Our modules mirror the reference module names (``down_blocks[0].resnets[1].conv1``), so a torch key
+``down_blocks.0.resnets.1.conv1.weight`` becomes the NNX path ``('down_blocks', 0, 'resnets', 1, 'conv1',
+'kernel')`` by a generic rule. A model family only supplies a rename table for the keys that differ
+(regex -> replacement, or ``None`` to drop a buffer). Every converted array is checked against
+``nnx.eval_shape`` of the model: missing, unexpected and mis-shaped keys are errors that name them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vldm_jax.errors import CheckpointError
+
+RenameTable = Sequence[tuple[str, str | None]]
+
+# Torch leaf name -> candidate NNX leaf names, tried in order against the model's abstract state.
+_LEAF_CANDIDATES = {
+    "weight": ("kernel", "scale", "embedding", "weight"),
+    "bias": ("bias",),
+}
+
+
+def apply_rename(key: str, table: RenameTable) -> str | None:
+    """Applies the first matching rule of ``table`` (``re.fullmatch``); ``None`` drops the key."""
+    for pattern, replacement in table:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return None if replacement is None else m.expand(replacement)
+    return key
+
+
+def _split_path(key: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
+
+
+def torch_to_jax_layout(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    """Transposes a torch parameter into the layout of the NNX parameter of ``target_shape``.
+
+    linear (out, in) -> (in, out); conv2d OIHW -> HWIO; conv3d OIDHW -> DHWIO; a 1x1 conv stored
+    where we use a linear layer (old VAE attention, SD1 ``proj_in``) is squeezed.
+    """
+    a = array
+    if a.shape == tuple(target_shape) and a.ndim <= 1:
+        return a
+    if a.ndim == 2 and len(target_shape) == 2:
+        return a.T
+    if a.ndim == 4:
+        if len(target_shape) == 2 and a.shape[2:] == (1, 1):
+            return a[:, :, 0, 0].T
+        return a.transpose(2, 3, 1, 0)
+    if a.ndim == 5:
+        return a.transpose(2, 3, 4, 1, 0)
+    if a.ndim == 3 and len(target_shape) == 2 and a.shape[2] == 1:  # conv1d k=1 used as linear
+        return a[:, :, 0].T
+    if a.ndim == 2 and len(target_shape) == 4 and tuple(target_shape[:2]) == (1, 1):  # linear used as 1x1 conv
+        return a.T[None, None]
+    return a
+
+
+def _fmt(keys: Iterable, limit: int = 8) -> str:
+    keys = [".".join(map(str, k)) if isinstance(k, tuple) else str(k) for k in keys]
+    head = ", ".join(keys[:limit])
+    return head + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    abstract_state: nnx.State,
+    *,
+    rename: RenameTable = (),
+    name: str = "model",
+) -> dict[tuple, np.ndarray]:
+    """Maps torch keys to NNX paths of ``abstract_state`` and transposes arrays. Validates everything.
+
+    Returns a dict from NNX path to numpy array (target dtype is applied by :func:`build_module`).
+    """
+    targets = {tuple(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract_state)}
+    out: dict[tuple, np.ndarray] = {}
+    unexpected, misshaped = [], []
+    for key, array in state_dict.items():
+        new_key = apply_rename(key, rename)
+        if new_key is None:
+            continue
+        path = _split_path(new_key)
+        candidates = _LEAF_CANDIDATES.get(path[-1], (path[-1],))
+        target = next((path[:-1] + (c,) for c in candidates if path[:-1] + (c,) in targets), None)
+        if target is None:
+            unexpected.append(key)
+            continue
+        arr = torch_to_jax_layout(np.asarray(array), targets[target])
+        if tuple(arr.shape) != targets[target]:
+            misshaped.append(f"{key} {tuple(np.shape(array))} (expected {targets[target]} for {_fmt([target])})")
+            continue
+        if target in out:
+            raise CheckpointError(f"{name}: two checkpoint keys map to {_fmt([target])} (second: {key})")
+        out[target] = arr
+    missing = [p for p in targets if p not in out]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_fmt(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {_fmt(misshaped, 4)}")
+    if problems:
+        raise CheckpointError(f"{name}: checkpoint does not fit the model; " + "; ".join(problems))
+    return out
+
+
+def build_module(
+    factory: Callable[[], nnx.Module],
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    rename: RenameTable = (),
+    name: str = "model",
+    dtype=None,
+) -> nnx.Module:
+    """Builds a module from ``factory`` without running its random initialiser and fills in weights.
+
+    ``dtype``: parameter dtype (default: the dtype the factory declares, normally float32).
+    """
+    abstract = nnx.eval_shape(factory)
+    graphdef, abstract_state = nnx.split(abstract)
+    arrays = convert_state_dict(state_dict, abstract_state, rename=rename, name=name)
+    return merge_arrays(graphdef, abstract_state, arrays, dtype=dtype)
+
+
+def merge_arrays(graphdef, abstract_state: nnx.State, arrays: Mapping[tuple, np.ndarray], dtype=None) -> nnx.Module:
+    flat = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        path = tuple(path)
+        target_dtype = dtype or var.get_value().dtype
+        flat.append((path, var.replace(jnp.asarray(arrays[path], dtype=target_dtype))))
+    state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, state)
+
+
+def module_to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
+    """Our own flat key -> array view of a module's parameters (used by our store and by tests)."""
+    _, state = nnx.split(module)
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
