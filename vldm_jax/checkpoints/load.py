@@ -1,0 +1,234 @@
+"""``load_model``: a diffusers/transformers component folder, a weights file or a hub id -> NNX module.
+
+Dispatch is on ``_class_name`` (diffusers) or ``architectures[0]`` (transformers) of ``config.json``.
+Weights are read zero-copy from safetensors (memory-mapped); pickle files are refused unless the
+caller passes ``allow_pickle=True`` and are then read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from vldm_jax.errors import CheckpointError
+from vldm_jax.models.config import config_from_dict, read_config_file
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Where a model family lives: module path, config class, model class(es), rename table name."""
+
+    module: str
+    config_cls: str
+    model_cls: str
+    rename: str  # attribute of vldm_jax.checkpoints.convert
+    config_key: str | None = None  # nested config key (transformers full-model configs)
+
+
+# class name in config.json -> family. Imported lazily so that loading one family does not import all.
+FAMILIES: dict[str, Family] = {
+    "UNet2DConditionModel": Family("vldm_jax.models.unet", "UNet2DConditionConfig", "UNet2DConditionModel", "UNET_RENAME"),
+    "AutoencoderKL": Family("vldm_jax.models.autoencoder", "AutoencoderKLConfig", "AutoencoderKL", "VAE_RENAME"),
+    "CLIPTextModel": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "CLIP_TEXT_RENAME"),
+    "CLIPTextModelWithProjection": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModelWithProjection",
+                                          "CLIP_TEXT_RENAME"),
+}
+
+
+def register_family(class_name: str, family: Family) -> None:
+    FAMILIES[class_name] = family
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a ``.safetensors`` file as read-only numpy views of a memory map (no copy, any dtype incl. bf16)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"cannot open weights file {path}: {e.strerror}") from None
+    with f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+        size = os.fstat(f.fileno()).st_size
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        count = int(np.prod(info["shape"])) if info["shape"] else 1
+        arr = np.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start)
+        if (end - start) != arr.nbytes:
+            raise CheckpointError(f"{path}: tensor {key} has inconsistent size")
+        out[key] = arr.reshape(info["shape"])
+    return out
+
+
+def read_pickle(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path} is a pickle checkpoint, which can run code when loaded; refused. "
+            "Convert it to safetensors, or pass allow_pickle=True / --allow-pickle if you trust it")
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"reading the pickle checkpoint {path} needs PyTorch (pip install torch)") from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types; the message is what a user needs
+        raise CheckpointError(f"cannot read pickle checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()
+            if hasattr(v, "numpy")}
+
+
+def read_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Reads one weights file (safetensors, or pickle when allowed)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return read_pickle(path, allow_pickle=allow_pickle)
+    raise CheckpointError(f"{path}: unknown weights format (expected .safetensors, or .bin/.ckpt with --allow-pickle)")
+
+
+def find_folder_weights(folder: Path, *, allow_pickle: bool = False, variant: str | None = None) -> dict[str, np.ndarray]:
+    """Weights of a component folder: single safetensors, sharded safetensors (index json), or pickle."""
+    names = list(SAFETENSORS_NAMES)
+    if variant:
+        names = [n.replace(".safetensors", f".{variant}.safetensors") for n in names] + names
+    for name in names:
+        if (folder / name).exists():
+            return read_safetensors(folder / name)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        out = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(read_safetensors(folder / shard))
+        return out
+    for name in PICKLE_NAMES:
+        if (folder / name).exists():
+            return read_pickle(folder / name, allow_pickle=allow_pickle)
+    shards = sorted(folder.glob("*.safetensors"))
+    if len(shards) == 1:
+        return read_safetensors(shards[0])
+    raise CheckpointError(f"no weights found in {folder} (expected {SAFETENSORS_NAMES[0]} or {SAFETENSORS_NAMES[1]})")
+
+
+# ------------------------------------------------------------------------------------------------ hub ids
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_path(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+                 allow_patterns: list[str] | None = None) -> Path:
+    """A local path as is; ``owner/name`` that is not a local path is fetched through huggingface_hub."""
+    path = Path(path_or_id)
+    if path.exists():
+        return path / subfolder if subfolder else path
+    if _HUB_ID.match(str(path_or_id)):
+        try:
+            from huggingface_hub import snapshot_download
+            local = snapshot_download(str(path_or_id), allow_patterns=allow_patterns)
+        except Exception as e:  # offline, missing repo, gated repo...
+            raise CheckpointError(f"cannot fetch {path_or_id} from the Hugging Face hub: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        return Path(local) / subfolder if subfolder else Path(local)
+    raise CheckpointError(f"not found: {path_or_id} (neither a local path nor a hub id)")
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+def class_name_of(config: Mapping[str, Any]) -> str | None:
+    if "_class_name" in config:
+        return config["_class_name"]
+    archs = config.get("architectures") or []
+    return archs[0] if archs else None
+
+
+def family_of(class_name: str | None, where: Any) -> Family:
+    if class_name not in FAMILIES:
+        raise CheckpointError(f"{where}: unsupported model class {class_name!r} "
+                              f"(supported: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[class_name]
+
+
+def build_from_state_dict(class_name: str, config: Mapping[str, Any] | Any, state_dict: Mapping[str, np.ndarray],
+                          *, dtype=jnp.float32, param_dtype=None, name: str | None = None, rename=None) -> nnx.Module:
+    """Builds ``class_name`` with ``config`` (dict or config dataclass) and fills it from a torch state dict."""
+    from vldm_jax.checkpoints import convert
+
+    fam = family_of(class_name, name or class_name)
+    mod = importlib.import_module(fam.module)
+    config_cls = getattr(mod, fam.config_cls)
+    model_cls = getattr(mod, fam.model_cls)
+    if isinstance(config, Mapping):
+        if fam.config_key and fam.config_key in config:
+            config = config[fam.config_key]
+        config = config_from_dict(config_cls, dict(config))
+    table = getattr(convert, fam.rename) if rename is None else rename
+    return convert.build_module(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype), state_dict,
+                                rename=table, name=name or class_name, dtype=param_dtype)
+
+
+def load_model(path: str | os.PathLike, *, subfolder: str | None = None, allow_pickle: bool = False,
+               dtype=jnp.float32, param_dtype=None, variant: str | None = None) -> nnx.Module:
+    """Loads one component: a diffusers/transformers folder (``config.json`` + weights), our own
+    converted folder (``vldm_config.json``), or a hub id. Returns the NNX module with its weights;
+    the config dataclass is ``module.config``.
+    """
+    folder = resolve_path(path, subfolder=subfolder)
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file; load_model takes a component folder "
+                              "(single-file checkpoints load through the pipelines' from_pretrained)")
+    if (folder / "vldm_config.json").exists():
+        from vldm_jax.checkpoints.store import load_converted
+        return load_converted(folder, dtype=dtype)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{folder}: no config.json (not a diffusers/transformers component folder)")
+    config = read_config_file(config_path)
+    cls = class_name_of(config)
+    family_of(cls, config_path)
+    state_dict = find_folder_weights(folder, allow_pickle=allow_pickle, variant=variant)
+    return build_from_state_dict(cls, config, state_dict, dtype=dtype, param_dtype=param_dtype, name=str(folder))
