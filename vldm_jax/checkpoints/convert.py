@@ -95,7 +95,10 @@ def convert_state_dict(
         if target is None:
             unexpected.append(key)
             continue
-        arr = torch_to_jax_layout(np.asarray(array), targets[target])
+        # An embedding table is (num, dim) in torch and NNX alike; the 2-D linear transpose must not touch it.
+        arr = np.asarray(array)
+        if target[-1] != "embedding":
+            arr = torch_to_jax_layout(arr, targets[target])
         if tuple(arr.shape) != targets[target]:
             misshaped.append(f"{key} {tuple(np.shape(array))} (expected {targets[target]} for {_fmt([target])})")
             continue
@@ -147,3 +150,22 @@ def module_to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     """Our own flat key -> array view of a module's parameters (used by our store and by tests)."""
     _, state = nnx.split(module)
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+# transformers CLIPTextModel / CLIPTextModelWithProjection. Hub checkpoints (SD text encoders) keep the
+# ``text_model.`` prefix, as our module does; transformers 5 saves a bare CLIPTextModel without it.
+# position_ids is a buffer that older checkpoints saved.
+CLIP_TEXT_RENAME: RenameTable = (
+    (r"(text_model\.)?embeddings\.position_ids", None),
+    (r"(embeddings|encoder|final_layer_norm)\..+", r"text_model.\g<0>"),
+)
+
+
+# diffusers AutoencoderKL: current names match. Checkpoints from diffusers < 0.14 name the mid-block
+# attention query/key/value/proj_attn (sometimes stored as 1x1 convs, which torch_to_jax_layout squeezes).
+VAE_RENAME: RenameTable = (
+    (r"(.*\.attentions\.\d+)\.query\.(weight|bias)", r"\1.to_q.\2"),
+    (r"(.*\.attentions\.\d+)\.key\.(weight|bias)", r"\1.to_k.\2"),
+    (r"(.*\.attentions\.\d+)\.value\.(weight|bias)", r"\1.to_v.\2"),
+    (r"(.*\.attentions\.\d+)\.proj_attn\.(weight|bias)", r"\1.to_out.0.\2"),
+)
