@@ -60,7 +60,7 @@ def _cmd_txt2img(args) -> int:
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     images = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-                  seed=args.seed)
+                  seed=args.seed, progress=True)
     write_image(out, images[0])
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0

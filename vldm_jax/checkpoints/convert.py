@@ -169,3 +169,8 @@ VAE_RENAME: RenameTable = (
     (r"(.*\.attentions\.\d+)\.value\.(weight|bias)", r"\1.to_v.\2"),
     (r"(.*\.attentions\.\d+)\.proj_attn\.(weight|bias)", r"\1.to_out.0.\2"),
 )
+
+
+# diffusers UNet2DConditionModel: current names match our modules. SD1's ``proj_in``/``proj_out`` are
+# 1x1 convs in the checkpoint and linear layers here; torch_to_jax_layout squeezes them.
+UNET_RENAME: RenameTable = ()
