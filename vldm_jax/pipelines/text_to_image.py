@@ -1,0 +1,222 @@
+"""Text-to-image latent diffusion (Stable Diffusion 1.x / 2.x): numpy in, numpy out.
+
+The whole generation after text encoding (the sampling loop over ``lax.scan`` with batched
+classifier-free guidance, then the VAE decode) is one jitted function of the split NNX states,
+compiled once per (sampler, shapes) and reused across prompts and seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vldm_jax.checkpoints.load import load_model, read_weights, resolve_path
+from vldm_jax.diffusion.guidance import classifier_free_guidance
+from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
+from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.models.config import read_config_file
+from vldm_jax.models.tokenizer import load_tokenizer, tokenize
+
+SCHEDULERS = SAMPLER_NAMES
+
+# The compiled loop calls one fixed host function (so progress does not force a recompile); it
+# advances whichever bar the current call installed.
+_PROGRESS_BAR: list = [None]
+
+
+def _advance_progress(_step) -> None:
+    if _PROGRESS_BAR[0] is not None:
+        _PROGRESS_BAR[0].update(1)
+
+# Only what the pipeline reads: no fp16/EMA variants, no root-level single files, no safety checker, no pickles.
+HUB_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*"] + [
+    f"{part}/{name}" for part in ("unet", "vae", "text_encoder")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "*.safetensors.index.json", "*-of-*.safetensors")]
+
+
+def _split(module):
+    graphdef, state = nnx.split(module)
+    return graphdef, state
+
+
+@functools.partial(jax.jit, static_argnames=("text_graph", "clip_skip"))
+def _encode_text(text_graph, text_state, input_ids, clip_skip: int = 0):
+    model = nnx.merge(text_graph, text_state)
+    return model.encode(input_ids, clip_skip=clip_skip)
+
+
+@functools.partial(jax.jit, static_argnames=("unet_graph", "vae_graph", "guided", "progress"))
+def _generate(unet_graph, unet_state, vae_graph, vae_state, sampler, context, uncontext, noise, guidance_scale,
+              key, scaling_factor, guided: bool, progress: bool):
+    unet = nnx.merge(unet_graph, unet_state)
+    vae = nnx.merge(vae_graph, vae_state)
+
+    def denoise(x, t):
+        if guided:
+            return classifier_free_guidance(lambda xx, tt, c: unet(xx, tt, c), x, t, context, uncontext,
+                                            guidance_scale)
+        return unet(x, t, context)
+
+    latents = sample(denoise, sampler, noise, key=key, progress=_advance_progress if progress else None)
+    images = vae.decode(latents / scaling_factor)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+class TextToImagePipeline:
+    """Stable Diffusion text-to-image.
+
+    ``pipe(prompt, ...)`` returns float32 images ``(B, H, W, 3)`` in [0, 1]. Build it with
+    :meth:`from_pretrained` (diffusers folder, single ``.safetensors`` file, converted folder, hub id).
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict[str, Any], *, clip_skip: int = 0):
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.clip_skip = clip_skip
+        self._unet_graph, self._unet_state = _split(unet)
+        self._vae_graph, self._vae_state = _split(vae)
+        self._text_graph, self._text_state = _split(text_encoder)
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                        allow_pickle: bool = False, prediction_type: str | None = None, dtype=jnp.float32):
+        """Loads a diffusers pipeline folder (``model_index.json``), our converted folder, an original
+        single-file SD 1.x/2.x checkpoint (``.safetensors``; ``.ckpt`` with ``allow_pickle``), or a hub id.
+
+        ``tokenizer``: tokenizer folder for single files (default: the bundled CLIP vocabulary).
+        ``prediction_type``: override for single files whose weights cannot tell (SD 2.x 512 vs 768-v).
+        """
+        p = Path(path)
+        if p.is_file():
+            return cls._from_single_file(p, tokenizer=tokenizer, allow_pickle=allow_pickle,
+                                         prediction_type=prediction_type, dtype=dtype)
+        if not p.exists() and str(path).endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")):
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        folder = resolve_path(path, allow_patterns=HUB_PATTERNS)
+        index_path = folder / "model_index.json"
+        if not index_path.exists():
+            raise CheckpointError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
+        index = read_config_file(index_path)
+        for part in ("unet", "vae", "text_encoder", "scheduler"):
+            if part not in index or not (folder / part).is_dir():
+                raise CheckpointError(f"{folder}: pipeline has no {part}/ component")
+        unet = load_model(folder / "unet", allow_pickle=allow_pickle, dtype=dtype)
+        vae = load_model(folder / "vae", allow_pickle=allow_pickle, dtype=dtype)
+        text_encoder = load_model(folder / "text_encoder", allow_pickle=allow_pickle, dtype=dtype)
+        tok_dir = tokenizer if tokenizer is not None else (folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
+        tok = load_tokenizer(tok_dir)
+        sched_path = folder / "scheduler" / "scheduler_config.json"
+        scheduler_config = read_config_file(sched_path)
+        if prediction_type:
+            scheduler_config["prediction_type"] = prediction_type
+        clip_skip = int(index.get("_vldm_clip_skip", 0))
+        return cls(unet, vae, text_encoder, tok, scheduler_config, clip_skip=clip_skip)
+
+    @classmethod
+    def _from_single_file(cls, path: Path, *, tokenizer, allow_pickle, prediction_type, dtype):
+        from vldm_jax.checkpoints.load import build_from_state_dict
+
+        weights = read_weights(path, allow_pickle=allow_pickle)
+        from vldm_jax.checkpoints.single_file import split_original_checkpoint
+
+        parts = split_original_checkpoint(weights, prediction_type=prediction_type)
+        unet = build_from_state_dict("UNet2DConditionModel", parts.unet_config, parts.unet_state_dict,
+                                     dtype=dtype, name=f"{path} (unet)")
+        vae = build_from_state_dict("AutoencoderKL", parts.vae_config, parts.vae_state_dict, dtype=dtype,
+                                    name=f"{path} (vae)")
+        text = build_from_state_dict("CLIPTextModel", parts.text_config, parts.text_state_dict, dtype=dtype,
+                                     name=f"{path} (text encoder)")
+        tok = load_tokenizer(tokenizer, pad_token=parts.pad_token if tokenizer is None else None)
+        return cls(unet, vae, text, tok, parts.scheduler_config, clip_skip=parts.clip_skip)
+
+    def save_pretrained(self, dst: str | os.PathLike) -> None:
+        """Writes our own format (orbax weights + configs, tokenizer, scheduler) atomically to a new folder."""
+        from vldm_jax.checkpoints.store import atomic_folder, save_module
+
+        with atomic_folder(dst) as tmp:
+            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+                (tmp / name).mkdir()
+                save_module(module, tmp / name)
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            (tmp / "scheduler").mkdir()
+            with open(tmp / "scheduler" / "scheduler_config.json", "w") as f:
+                json.dump(self.scheduler_config, f, indent=1)
+            index = {"_class_name": "TextToImagePipeline", "_vldm_format": 1, "_vldm_clip_skip": self.clip_skip,
+                     "unet": ["vldm_jax", "UNet2DConditionModel"], "vae": ["vldm_jax", "AutoencoderKL"],
+                     "text_encoder": ["vldm_jax", type(self.text_encoder).__name__],
+                     "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["vldm_jax", "SchedulerConfig"]}
+            with open(tmp / "model_index.json", "w") as f:
+                json.dump(index, f, indent=1)
+
+    # ------------------------------------------------------------------------------------------ running
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """Prompts -> U-Net context ``(B, 77, D)``."""
+        ids = tokenize(self.tokenizer, list(prompts), max_length=self.tokenizer.model_max_length)
+        return _encode_text(self._text_graph, self._text_state, jnp.asarray(ids), clip_skip=self.clip_skip)
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0, latents=None,
+                 num_images_per_prompt: int = 1, eta: float = 0.0, progress: bool = False) -> np.ndarray:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        b = len(prompts)
+        f = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise UserError(f"height and width must be positive multiples of {f} (got {height}x{width})")
+        if scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if num_inference_steps < 1:
+            raise UserError(f"num_inference_steps must be at least 1 (got {num_inference_steps})")
+        shape = (b, height // f, width // f, self.unet.config.in_channels)
+        key = jax.random.key(seed)
+        noise_key, sample_key = jax.random.split(key)
+        if latents is None:
+            noise = jax.random.normal(noise_key, shape, jnp.float32)
+        else:
+            noise = jnp.asarray(latents, jnp.float32)
+            if noise.shape != shape:
+                raise UserError(f"latents must have shape {shape} (got {tuple(noise.shape)})")
+        guided = guidance_scale > 1.0
+        context = self.encode_prompt(prompts)
+        if guided:
+            neg = negative_prompt if negative_prompt is not None else ""
+            negs = [neg] * len(prompts) if isinstance(neg, str) else [n for n in neg for _ in range(num_images_per_prompt)]
+            if len(negs) != b:
+                raise UserError(f"got {len(negs)} negative prompts for {b} prompts")
+            uncontext = self.encode_prompt(negs)
+        else:
+            uncontext = context
+        options = {"eta": eta} if scheduler == "ddim" else {}
+        sampler = make_sampler(scheduler, self.scheduler_config, num_inference_steps, **options)
+        if progress:
+            from tqdm.auto import tqdm
+            _PROGRESS_BAR[0] = tqdm(total=num_inference_steps, desc="denoising")
+        try:
+            images = _generate(self._unet_graph, self._unet_state, self._vae_graph, self._vae_state, sampler, context,
+                           uncontext, noise, jnp.float32(guidance_scale), sample_key,
+                           jnp.float32(self.vae.config.scaling_factor), guided=guided, progress=progress)
+            images = np.asarray(images, dtype=np.float32)
+        finally:
+            if _PROGRESS_BAR[0] is not None:
+                _PROGRESS_BAR[0].close()
+                _PROGRESS_BAR[0] = None
+        return images
