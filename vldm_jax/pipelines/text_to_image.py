@@ -138,7 +138,9 @@ class TextToImagePipeline:
                                     name=f"{path} (vae)")
         text = build_from_state_dict("CLIPTextModel", parts.text_config, parts.text_state_dict, dtype=dtype,
                                      name=f"{path} (text encoder)")
-        tok = load_tokenizer(tokenizer, pad_token=parts.pad_token if tokenizer is None else None)
+        # SD 2.x (OpenCLIP) pads with "!", SD 1.x with the end token; a user's tokenizer folder knows its own.
+        pad = None if tokenizer is not None else ("!" if parts.variant == "sd2" else None)
+        tok = load_tokenizer(tokenizer, pad_token=pad)
         return cls(unet, vae, text, tok, parts.scheduler_config, clip_skip=parts.clip_skip)
 
     def save_pretrained(self, dst: str | os.PathLike) -> None:
