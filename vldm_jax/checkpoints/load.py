@@ -100,7 +100,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def read_pickle(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_pickle_with_step(path: str | os.PathLike, *, allow_pickle: bool = False
+                          ) -> tuple[dict[str, np.ndarray], int | None]:
+    """(state dict, Lightning ``global_step`` or None) of a pickle checkpoint, read with ``weights_only``."""
     if not allow_pickle:
         raise CheckpointError(
             f"{path} is a pickle checkpoint, which can run code when loaded; refused. "
@@ -110,13 +112,23 @@ def read_pickle(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[
     except ImportError:
         raise CheckpointError(f"reading the pickle checkpoint {path} needs PyTorch (pip install torch)") from None
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types; the message is what a user needs
         raise CheckpointError(f"cannot read pickle checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()
-            if hasattr(v, "numpy")}
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state dict")
+    sd = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in obj.items()
+          if isinstance(v, torch.Tensor)}
+    if isinstance(step, torch.Tensor):
+        step = int(step.item())
+    return sd, step if isinstance(step, int) else None
+
+
+def read_pickle(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    return read_pickle_with_step(path, allow_pickle=allow_pickle)[0]
 
 
 def read_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:

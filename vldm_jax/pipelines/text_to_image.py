@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.checkpoints.load import load_model, read_weights, resolve_path
+from vldm_jax.checkpoints.load import load_model, resolve_path
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
@@ -126,18 +126,11 @@ class TextToImagePipeline:
 
     @classmethod
     def _from_single_file(cls, path: Path, *, tokenizer, allow_pickle, prediction_type, dtype):
-        from vldm_jax.checkpoints.load import build_from_state_dict
+        from vldm_jax.checkpoints.single_file import build_single_file_models, load_single_file
 
-        weights = read_weights(path, allow_pickle=allow_pickle)
-        from vldm_jax.checkpoints.single_file import split_original_checkpoint
-
-        parts = split_original_checkpoint(weights, prediction_type=prediction_type)
-        unet = build_from_state_dict("UNet2DConditionModel", parts.unet_config, parts.unet_state_dict,
-                                     dtype=dtype, name=f"{path} (unet)")
-        vae = build_from_state_dict("AutoencoderKL", parts.vae_config, parts.vae_state_dict, dtype=dtype,
-                                    name=f"{path} (vae)")
-        text = build_from_state_dict("CLIPTextModel", parts.text_config, parts.text_state_dict, dtype=dtype,
-                                     name=f"{path} (text encoder)")
+        parts = load_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
+        models = build_single_file_models(parts, dtype=dtype)
+        unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
         # SD 2.x (OpenCLIP) pads with "!", SD 1.x with the end token; a user's tokenizer folder knows its own.
         pad = None if tokenizer is not None else ("!" if parts.variant == "sd2" else None)
         tok = load_tokenizer(tokenizer, pad_token=pad)

@@ -1,0 +1,1 @@
+"""Shared test fixtures (tiny Stable Diffusion components, original-format single files)."""
