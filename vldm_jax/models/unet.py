@@ -1,0 +1,464 @@
+"""The Stable Diffusion U-Net (diffusers ``UNet2DConditionModel``) in Flax NNX.
+
+Attribute names mirror diffusers (``down_blocks[i].resnets[j]``, ``.attentions[j]``,
+``.downsamplers[0].conv``, ``mid_block``, ``up_blocks[i].upsamplers[0].conv``...), so a diffusers
+``diffusion_pytorch_model.safetensors`` loads by the generic key rule of ``checkpoints/convert.py``.
+
+The video U-Net builds on this file: every block runs its layers through two hooks,
+``_resnet(j, ...)`` and ``_attention(j, ...)``, and makes them through ``_make_resnet`` and
+``_make_attention``, so a subclass can put a temporal layer after every spatial resnet and every
+spatial transformer (or wrap them) without repeating the block logic. Extra keyword arguments of a
+block call (``num_frames``...) are handed to the hooks untouched. Spatial layers always see
+``(N, H, W, C)``, where ``N`` may be ``B*F`` folded frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vldm_jax.errors import ConfigError
+from vldm_jax.nn.attention import Transformer2DModel
+from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
+from vldm_jax.nn.norm import GroupNorm
+from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
+
+IntOrTuple = Any  # int | tuple[int, ...] (| tuple[tuple[int, ...], ...] for transformer layers)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNet2DConditionConfig:
+    """diffusers ``UNet2DConditionModel`` config.json fields and defaults.
+
+    Head counts follow diffusers' historical naming: when ``num_attention_heads`` is None (every
+    Stable Diffusion config), ``attention_head_dim`` is the number of heads per block (SD1: 8; SD2:
+    ``[5, 10, 20, 20]``) and the head width is ``channels // heads``. Fields that only select
+    architecture variants we do not implement must keep their default; other values raise ConfigError.
+    ``dropout``, ``resnet_skip_time_act`` and ``resnet_out_scale_factor`` do not change these block
+    types' inference (diffusers ignores the latter two for them too).
+    """
+
+    sample_size: IntOrTuple | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: IntOrTuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: IntOrTuple = 1280
+    transformer_layers_per_block: IntOrTuple = 1
+    reverse_transformer_layers_per_block: tuple | None = None
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: IntOrTuple = 8
+    num_attention_heads: IntOrTuple | None = None
+    dual_cross_attention: bool = False
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    resnet_skip_time_act: bool = False
+    resnet_out_scale_factor: float = 1.0
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    time_cond_proj_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    projection_class_embeddings_input_dim: int | None = None
+    attention_type: str = "default"
+    class_embeddings_concat: bool = False
+    mid_block_only_cross_attention: bool | None = None
+    cross_attention_norm: str | None = None
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ConfigError(f"UNet2DConditionConfig: {msg}")
+
+        n = len(self.down_block_types)
+        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
+            bad(f"down_block_types, up_block_types and block_out_channels must have the same length "
+                f"(got {len(self.down_block_types)}, {len(self.up_block_types)}, {len(self.block_out_channels)})")
+        for name in ("layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
+                     "transformer_layers_per_block", "only_cross_attention"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != n:
+                bad(f"{name} has {len(value)} entries for {n} blocks")
+        for t in self.down_block_types:
+            if _strip_res(t) not in DOWN_BLOCK_TYPES:
+                bad(f"unsupported down block type {t!r} (supported: {', '.join(DOWN_BLOCK_TYPES)})")
+        for t in self.up_block_types:
+            if _strip_res(t) not in UP_BLOCK_TYPES:
+                bad(f"unsupported up block type {t!r} (supported: {', '.join(UP_BLOCK_TYPES)})")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            bad(f"unsupported mid block type {self.mid_block_type!r} (supported: UNetMidBlock2DCrossAttn or null)")
+        only = self.only_cross_attention
+        if any(only if isinstance(only, tuple) else (only,)) or self.mid_block_only_cross_attention:
+            bad("only_cross_attention=true is not supported")
+        if (isinstance(self.transformer_layers_per_block, tuple)
+                and any(isinstance(v, tuple) for v in self.transformer_layers_per_block)
+                and self.reverse_transformer_layers_per_block is None):
+            bad("per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block")
+        if self.act_fn not in ("silu", "swish"):
+            bad(f"act_fn {self.act_fn!r} is not supported (only silu)")
+        if self.norm_num_groups is None:
+            bad("norm_num_groups=null is not supported")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            bad(f"resnet_time_scale_shift {self.resnet_time_scale_shift!r} is not supported")
+        if self.time_embedding_type != "positional":
+            bad(f"time_embedding_type {self.time_embedding_type!r} is not supported (only positional)")
+        unsupported = {
+            "dual_cross_attention": (self.dual_cross_attention, False),
+            "class_embed_type": (self.class_embed_type, None),
+            "num_class_embeds": (self.num_class_embeds, None),
+            "addition_embed_type": (self.addition_embed_type, None),
+            "encoder_hid_dim": (self.encoder_hid_dim, None),
+            "encoder_hid_dim_type": (self.encoder_hid_dim_type, None),
+            "time_embedding_act_fn": (self.time_embedding_act_fn, None),
+            "timestep_post_act": (self.timestep_post_act, None),
+            "time_cond_proj_dim": (self.time_cond_proj_dim, None),
+            "class_embeddings_concat": (self.class_embeddings_concat, False),
+            "attention_type": (self.attention_type, "default"),
+            "cross_attention_norm": (self.cross_attention_norm, None),
+        }
+        for name, (value, default) in unsupported.items():
+            if value != default:
+                bad(f"{name}={value!r} is not supported (only {default!r})")
+
+    # Per-block values, expanded the way diffusers expands them.
+    def per_block(self, name: str) -> tuple:
+        value = getattr(self, name)
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * len(self.down_block_types)
+
+    @property
+    def heads_per_block(self) -> tuple[int, ...]:
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return tuple(heads) if isinstance(heads, (tuple, list)) else (heads,) * len(self.down_block_types)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or self.block_out_channels[0] * 4
+
+
+def _strip_res(block_type: str) -> str:
+    # diffusers accepts a "UNetRes" prefix on block type names and drops it.
+    return block_type[len("UNetRes"):] if block_type.startswith("UNetRes") else block_type
+
+
+def _per_layer(value, num_layers: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * num_layers
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+
+class UNetBlock(nnx.Module):
+    """Shared plumbing of the U-Net blocks: layer factories, layer hooks, optional rematerialisation.
+
+    ``remat``: False, True (recompute every resnet/transformer in the backward pass), or a
+    ``jax.checkpoint`` policy.
+    """
+
+    remat: bool | Callable = False
+
+    def _make_resnet(self, in_channels: int, out_channels: int, *, temb_channels: int, eps: float, groups: int,
+                     time_scale_shift: str, output_scale_factor: float = 1.0, rngs: nnx.Rngs, dtype) -> nnx.Module:
+        return ResnetBlock2D(in_channels, out_channels, temb_channels=temb_channels, groups=groups, eps=eps,
+                             time_embedding_norm=time_scale_shift, output_scale_factor=output_scale_factor,
+                             rngs=rngs, dtype=dtype)
+
+    def _make_attention(self, channels: int, *, heads: int, num_layers: int, cross_attention_dim: int, groups: int,
+                        use_linear_projection: bool, upcast_attention: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
+        return Transformer2DModel(heads, channels // heads, channels, num_layers=num_layers,
+                                  cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
+                                  use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+                                  rngs=rngs, dtype=dtype)
+
+    def _resnet(self, j: int, x, temb, **extra):
+        """Hook: the ``j``-th resnet on ``(N, H, W, C)``; a video block adds its temporal layer here."""
+        return self.resnets[j](x, temb)
+
+    def _attention(self, j: int, x, context, **extra):
+        """Hook: the ``j``-th transformer on ``(N, H, W, C)``; a video block adds its temporal layer here."""
+        return self.attentions[j](x, context)
+
+    def _checkpointed(self, fn: Callable, *args):
+        """Runs ``fn(self, *args)``, rematerialised in the backward pass when ``self.remat`` is set."""
+        if not self.remat:
+            return fn(self, *args)
+        policy = None if self.remat is True else self.remat
+        return nnx.remat(fn, policy=policy)(self, *args)
+
+    def _run_resnet(self, j, x, temb, extra):
+        return self._checkpointed(lambda blk, x, temb: blk._resnet(j, x, temb, **extra), x, temb)
+
+    def _run_attention(self, j, x, context, extra):
+        return self._checkpointed(lambda blk, x, context: blk._attention(j, x, context, **extra), x, context)
+
+
+class DownBlock2D(UNetBlock):
+    """Resnets, then an optional stride-2 downsampler. Returns the output and the skips it produces."""
+
+    has_attention = False
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int, num_layers: int, eps: float,
+                 groups: int, time_scale_shift: str, add_downsample: bool, downsample_padding: int,
+                 remat=False, rngs: nnx.Rngs, dtype=jnp.float32, **attention_kwargs):
+        self.remat = remat
+        common = dict(temb_channels=temb_channels, eps=eps, groups=groups, time_scale_shift=time_scale_shift,
+                      rngs=rngs, dtype=dtype)
+        self.resnets = nnx.List([self._make_resnet(in_channels if j == 0 else out_channels, out_channels, **common)
+                                 for j in range(num_layers)])
+        if self.has_attention:
+            layers = _per_layer(attention_kwargs.pop("transformer_layers"), num_layers)
+            self.attentions = nnx.List([
+                self._make_attention(out_channels, num_layers=layers[j], groups=groups, rngs=rngs, dtype=dtype,
+                                     **attention_kwargs)
+                for j in range(num_layers)])
+        self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, padding=downsample_padding,
+                                                    rngs=rngs, dtype=dtype)])
+                             if add_downsample else None)
+
+    def __call__(self, x, temb, context=None, **extra):
+        """x: ``(N, H, W, C_in)``; temb: ``(N, T)``; context: ``(N, S, D)``.
+        Returns ``(N, H', W', C_out)`` and the tuple of skip activations, in order."""
+        skips = []
+        for j in range(len(self.resnets)):
+            x = self._run_resnet(j, x, temb, extra)
+            if self.has_attention:
+                x = self._run_attention(j, x, context, extra)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, tuple(skips)
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
+    """``DownBlock2D`` with a spatial transformer after every resnet."""
+
+    has_attention = True
+
+
+class UpBlock2D(UNetBlock):
+    """Resnets on the input concatenated with one skip each (last skip first), then an optional upsampler."""
+
+    has_attention = False
+
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *, temb_channels: int,
+                 num_layers: int, eps: float, groups: int, time_scale_shift: str, add_upsample: bool,
+                 remat=False, rngs: nnx.Rngs, dtype=jnp.float32, **attention_kwargs):
+        self.remat = remat
+        common = dict(temb_channels=temb_channels, eps=eps, groups=groups, time_scale_shift=time_scale_shift,
+                      rngs=rngs, dtype=dtype)
+        resnets = []
+        for j in range(num_layers):
+            skip_channels = in_channels if j == num_layers - 1 else out_channels
+            resnet_in = prev_output_channel if j == 0 else out_channels
+            resnets.append(self._make_resnet(resnet_in + skip_channels, out_channels, **common))
+        self.resnets = nnx.List(resnets)
+        if self.has_attention:
+            layers = _per_layer(attention_kwargs.pop("transformer_layers"), num_layers)
+            self.attentions = nnx.List([
+                self._make_attention(out_channels, num_layers=layers[j], groups=groups, rngs=rngs, dtype=dtype,
+                                     **attention_kwargs)
+                for j in range(num_layers)])
+        self.upsamplers = (nnx.List([Upsample2D(out_channels, out_channels, rngs=rngs, dtype=dtype)])
+                           if add_upsample else None)
+
+    def __call__(self, x, temb, context=None, skips=(), upsample_size=None, **extra):
+        """x: ``(N, H, W, C)``; skips: ``len(self.resnets)`` arrays ``(N, H, W, C_skip)``, consumed from
+        the end; upsample_size: ``(H_out, W_out)`` when the upsampled size is not ``2H, 2W``."""
+        skips = list(skips)
+        for j in range(len(self.resnets)):
+            x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
+            x = self._run_resnet(j, x, temb, extra)
+            if self.has_attention:
+                x = self._run_attention(j, x, context, extra)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    """``UpBlock2D`` with a spatial transformer after every resnet."""
+
+    has_attention = True
+
+
+class UNetMidBlock2DCrossAttn(UNetBlock):
+    """resnet, then (transformer, resnet) ``num_layers`` times, at the lowest resolution."""
+
+    def __init__(self, channels: int, *, temb_channels: int, eps: float, groups: int, time_scale_shift: str,
+                 output_scale_factor: float = 1.0, num_layers: int = 1, transformer_layers: IntOrTuple = 1,
+                 remat=False, rngs: nnx.Rngs, dtype=jnp.float32, **attention_kwargs):
+        self.remat = remat
+        common = dict(temb_channels=temb_channels, eps=eps, groups=groups, time_scale_shift=time_scale_shift,
+                      output_scale_factor=output_scale_factor, rngs=rngs, dtype=dtype)
+        self.resnets = nnx.List([self._make_resnet(channels, channels, **common) for _ in range(num_layers + 1)])
+        layers = _per_layer(transformer_layers, num_layers)
+        self.attentions = nnx.List([
+            self._make_attention(channels, num_layers=layers[j], groups=groups, rngs=rngs, dtype=dtype,
+                                 **attention_kwargs)
+            for j in range(num_layers)])
+
+    def __call__(self, x, temb, context=None, **extra):
+        """``(N, H, W, C)`` -> ``(N, H, W, C)``. The resnet after transformer ``j`` is ``resnets[j + 1]``."""
+        x = self._run_resnet(0, x, temb, extra)
+        for j in range(len(self.attentions)):
+            x = self._run_attention(j, x, context, extra)
+            x = self._run_resnet(j + 1, x, temb, extra)
+        return x
+
+
+# -------------------------------------------------------------------------------------------------- model
+
+class UNet2DConditionModel(nnx.Module):
+    """Text-conditioned latent U-Net: ``(sample, timestep, context) -> prediction`` (eps or v).
+
+    ``dtype`` is the compute dtype (parameters stay float32); ``remat`` rematerialises every resnet and
+    transformer in the backward pass (True or a ``jax.checkpoint`` policy); see :meth:`set_remat`.
+    """
+
+    DOWN_BLOCKS: dict[str, type] = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
+    UP_BLOCKS: dict[str, type] = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
+    MID_BLOCKS: dict[str, type] = {"UNetMidBlock2DCrossAttn": UNetMidBlock2DCrossAttn}
+
+    def __init__(self, config: UNet2DConditionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 remat: bool | Callable = False):
+        self.config = config
+        self.dtype = dtype
+        c = config
+        channels = c.block_out_channels
+        n = len(channels)
+        heads = c.heads_per_block
+        cross_dims = c.per_block("cross_attention_dim")
+        layers = c.per_block("layers_per_block")
+        tlayers = c.per_block("transformer_layers_per_block")
+        temb = c.time_embed_dim
+
+        self.conv_in = conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2,
+                              rngs=rngs, dtype=dtype)
+        self.time_embedding = TimestepEmbedding(channels[0], temb, act_fn=c.act_fn, rngs=rngs, dtype=dtype)
+
+        common = dict(temb_channels=temb, eps=c.norm_eps, groups=c.norm_num_groups,
+                      time_scale_shift=c.resnet_time_scale_shift, remat=remat, rngs=rngs, dtype=dtype)
+
+        def attention_kwargs(block_type, heads, cross_attention_dim, transformer_layers):
+            if "CrossAttn" not in block_type:
+                return {}
+            return dict(heads=heads, cross_attention_dim=cross_attention_dim, transformer_layers=transformer_layers,
+                        use_linear_projection=c.use_linear_projection, upcast_attention=c.upcast_attention)
+
+        down = []
+        out_ch = channels[0]
+        for i, block_type in enumerate(c.down_block_types):
+            block_type = _strip_res(block_type)
+            in_ch, out_ch = out_ch, channels[i]
+            down.append(self.DOWN_BLOCKS[block_type](
+                in_ch, out_ch, num_layers=layers[i], add_downsample=i < n - 1,
+                downsample_padding=c.downsample_padding, **common,
+                **attention_kwargs(block_type, heads[i], cross_dims[i], tlayers[i])))
+        self.down_blocks = nnx.List(down)
+
+        if c.mid_block_type is None:
+            self.mid_block = None
+        else:
+            mid_kwargs = attention_kwargs(c.mid_block_type, heads[-1], cross_dims[-1], tlayers[-1])
+            self.mid_block = self.MID_BLOCKS[c.mid_block_type](
+                channels[-1], output_scale_factor=c.mid_block_scale_factor,
+                transformer_layers=mid_kwargs.pop("transformer_layers"), **common, **mid_kwargs)
+
+        rev_channels = channels[::-1]
+        rev_heads = heads[::-1]
+        rev_cross = cross_dims[::-1]
+        rev_layers = layers[::-1]
+        rev_tlayers = (c.reverse_transformer_layers_per_block if c.reverse_transformer_layers_per_block is not None
+                       else tlayers[::-1])
+        up = []
+        out_ch = rev_channels[0]
+        for i, block_type in enumerate(c.up_block_types):
+            block_type = _strip_res(block_type)
+            prev_ch, out_ch = out_ch, rev_channels[i]
+            in_ch = rev_channels[min(i + 1, n - 1)]
+            kw = attention_kwargs(block_type, rev_heads[i], rev_cross[i], rev_tlayers[i])
+            up.append(self.UP_BLOCKS[block_type](
+                in_ch, prev_ch, out_ch, num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, **common, **kw))
+        self.up_blocks = nnx.List(up)
+
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps, rngs=rngs)
+        self.conv_out = conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2,
+                               rngs=rngs, dtype=dtype)
+
+    def set_remat(self, remat: bool | Callable) -> None:
+        """Turns rematerialisation of every block's layers on (True or a policy) or off (False)."""
+        for _, module in nnx.iter_graph(self):
+            if isinstance(module, UNetBlock):
+                module.remat = remat
+
+    def time_embed(self, timestep, n: int):
+        """Timestep (scalar or ``(n,)``) -> embedding ``(n, time_embed_dim)`` in the compute dtype."""
+        t = jnp.broadcast_to(jnp.atleast_1d(jnp.asarray(timestep, jnp.float32)), (n,))
+        emb = timestep_embedding(t, self.config.block_out_channels[0], flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                 downscale_freq_shift=self.config.freq_shift)
+        return self.time_embedding(emb.astype(self.dtype))
+
+    def __call__(self, sample, timestep, encoder_hidden_states, *, added_cond_kwargs=None, return_skips=False,
+                 **extra):
+        """sample: ``(B, H, W, in_channels)``; timestep: scalar or ``(B,)``; encoder_hidden_states:
+        ``(B, S, cross_attention_dim)``. Returns ``(B, H, W, out_channels)`` in the compute dtype, and with
+        ``return_skips`` also the tuple of down-path skip activations (``conv_in`` output first).
+
+        ``added_cond_kwargs`` is accepted for diffusers call compatibility; no supported config uses it.
+        ``extra`` keyword arguments go to every block's layer hooks (used by the video U-Net).
+        """
+        c = self.config
+        x = sample.astype(self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+        if c.center_input_sample:
+            x = 2 * x - 1.0
+        emb = self.time_embed(timestep, x.shape[0])
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context, **extra)
+            skips.extend(block_skips)
+        down_skips = tuple(skips)
+
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context, **extra)
+
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            block_skips, skips = skips[-k:], skips[:-k]
+            # Upsample to the next skip's size: equals 2x when H, W divide by 2**num_upsamplers,
+            # and undoes the ceil of an odd-sized stride-2 downsampling otherwise.
+            size = tuple(skips[-1].shape[1:3]) if block.upsamplers is not None else None
+            x = block(x, emb, context, skips=block_skips, upsample_size=size, **extra)
+
+        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return (x, down_skips) if return_skips else x

@@ -1,0 +1,196 @@
+"""Attention: one op over ``jax.nn.dot_product_attention`` and the diffusers ``Attention`` layer.
+
+Everything that attends (spatial transformers, temporal layers, the VAE mid block, CLIP) goes
+through :func:`dot_product_attention`, so an accelerator picks its fused kernel (cuDNN flash
+attention on GPUs) without code changes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vldm_jax.nn.norm import GroupNorm, LayerNorm
+
+# Set by config/CLI: None lets XLA choose; "cudnn" forces the fused GPU kernel.
+ATTENTION_IMPLEMENTATION: str | None = None
+
+
+def dot_product_attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, upcast: bool = False,
+                          scale: float | None = None):
+    """Multi-head attention on ``(B, T, N, H)`` queries and ``(B, S, N, H)`` keys/values -> ``(B, T, N, H)``.
+
+    ``upcast`` computes in float32 (diffusers' ``upcast_attention``: SD 2.1 overflows in fp16).
+    ``mask``: boolean, broadcastable to ``(B, N, T, S)``, True where attending is allowed.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+    impl = ATTENTION_IMPLEMENTATION
+    if impl == "cudnn" and (q.dtype not in (jnp.float16, jnp.bfloat16) or mask is not None):
+        impl = None  # cuDNN's kernel takes half precision and no boolean mask
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
+                                       implementation=impl)
+    return out.astype(dtype)
+
+
+class Attention(nnx.Module):
+    """diffusers ``Attention``: q/k/v projections, multi-head attention, output projection.
+
+    ``norm_num_groups`` adds the input GroupNorm of the autoencoder's attention; ``residual_connection``
+    adds the input back. Works on tokens ``(B, T, C)`` or, for the autoencoder, ``(B, H, W, C)``.
+    """
+
+    def __init__(self, query_dim: int, *, cross_attention_dim: int | None = None, heads: int = 8,
+                 dim_head: int = 64, bias: bool = False, out_bias: bool = True, upcast_attention: bool = False,
+                 norm_num_groups: int | None = None, eps: float = 1e-5, residual_connection: bool = False,
+                 rescale_output_factor: float = 1.0, rngs: nnx.Rngs, dtype=jnp.float32):
+        inner = heads * dim_head
+        kv_dim = cross_attention_dim or query_dim
+        self.heads = heads
+        self.upcast_attention = upcast_attention
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = rescale_output_factor
+        self.group_norm = GroupNorm(norm_num_groups, query_dim, eps=eps, rngs=rngs) if norm_num_groups else None
+        self.to_q = nnx.Linear(query_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.to_k = nnx.Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.to_v = nnx.Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.to_out = nnx.List([nnx.Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x, context=None, mask=None):
+        """x: ``(B, T, C)`` or ``(B, H, W, C)``; context: ``(B, S, D)`` for cross-attention."""
+        residual = x
+        spatial_shape = x.shape if x.ndim == 4 else None
+        if spatial_shape is not None:
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.group_norm is not None:
+            x = self.group_norm(x)
+        context = x if context is None else context
+        b, t, _ = x.shape
+        q = self.to_q(x).reshape(b, t, self.heads, -1)
+        k = self.to_k(context).reshape(b, context.shape[1], self.heads, -1)
+        v = self.to_v(context).reshape(b, context.shape[1], self.heads, -1)
+        out = dot_product_attention(q, k, v, mask=mask, upcast=self.upcast_attention)
+        out = self.to_out[0](out.reshape(b, t, -1))
+        if spatial_shape is not None:
+            out = out.reshape(spatial_shape)
+        if self.residual_connection:
+            out = out + residual
+        return out / self.rescale_output_factor
+
+
+# ------------------------------------------------------------------------------------- spatial transformer
+
+class GELU(nnx.Module):
+    """diffusers ``GELU``: a linear layer then GELU (exact erf, or tanh with ``approximate="tanh"``)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, approximate: str = "none", bias: bool = True,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.approximate = approximate == "tanh"
+        self.proj = nnx.Linear(dim_in, dim_out, use_bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.gelu(self.proj(x), approximate=self.approximate)
+
+
+class GEGLU(nnx.Module):
+    """diffusers ``GEGLU``: one projection to ``2 * dim_out``, split into value and gate, ``value * gelu(gate)``."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.proj = nnx.Linear(dim_in, dim_out * 2, use_bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """diffusers ``FeedForward``: ``net[0]`` (activation with its input projection), ``net[1]`` dropout
+    (inactive: inference and our fine-tuning run without it), ``net[2]`` output projection.
+
+    ``activation_fn``: ``"geglu"`` (Stable Diffusion), ``"gelu"`` or ``"gelu-approximate"``.
+    """
+
+    def __init__(self, dim: int, dim_out: int | None = None, *, mult: int = 4, activation_fn: str = "geglu",
+                 inner_dim: int | None = None, bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
+        inner_dim = inner_dim or int(dim * mult)
+        if activation_fn == "geglu":
+            act = GEGLU(dim, inner_dim, bias=bias, rngs=rngs, dtype=dtype)
+        elif activation_fn in ("gelu", "gelu-approximate"):
+            act = GELU(dim, inner_dim, approximate="tanh" if activation_fn == "gelu-approximate" else "none",
+                       bias=bias, rngs=rngs, dtype=dtype)
+        else:
+            raise ValueError(f"unsupported feed-forward activation {activation_fn!r}")
+        self.net = nnx.List([act, nnx.Dropout(0.0),
+                             nnx.Linear(inner_dim, dim_out or dim, use_bias=bias, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Pre-LayerNorm transformer block: self-attention, cross-attention (when ``cross_attention_dim``
+    is given), feed-forward, each with a residual connection. ``(B, T, dim)`` -> ``(B, T, dim)``."""
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *,
+                 cross_attention_dim: int | None = None, activation_fn: str = "geglu",
+                 attention_bias: bool = False, upcast_attention: bool = False, norm_eps: float = 1e-5,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        attn = dict(heads=num_attention_heads, dim_head=attention_head_dim, bias=attention_bias,
+                    upcast_attention=upcast_attention, rngs=rngs, dtype=dtype)
+        self.norm1 = LayerNorm(dim, eps=norm_eps, rngs=rngs)
+        self.attn1 = Attention(dim, **attn)
+        if cross_attention_dim is not None:
+            self.norm2 = LayerNorm(dim, eps=norm_eps, rngs=rngs)
+            self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attn)
+        else:
+            self.norm2 = None
+            self.attn2 = None
+        self.norm3 = LayerNorm(dim, eps=norm_eps, rngs=rngs)
+        self.ff = FeedForward(dim, activation_fn=activation_fn, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, context=None):
+        """x: ``(B, T, dim)``; context: ``(B, S, cross_attention_dim)`` (ignored without cross-attention)."""
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+    """diffusers ``Transformer2DModel`` for continuous (latent image) input: GroupNorm (eps 1e-6),
+    ``proj_in``, ``transformer_blocks`` over the ``H*W`` tokens, ``proj_out``, plus the input.
+
+    ``(N, H, W, C)`` -> ``(N, H, W, C)``; ``N`` may be ``B*F`` folded frames (context then ``(B*F, S, D)``).
+    ``proj_in``/``proj_out`` are linear layers for both values of ``use_linear_projection``: on
+    channels-last input a 1x1 convolution is the same linear map, and the loader squeezes SD1's
+    ``(out, in, 1, 1)`` conv kernels into linear kernels.
+    """
+
+    def __init__(self, num_attention_heads: int, attention_head_dim: int, in_channels: int, *,
+                 num_layers: int = 1, cross_attention_dim: int | None = None, norm_num_groups: int = 32,
+                 use_linear_projection: bool = False, upcast_attention: bool = False,
+                 activation_fn: str = "geglu", attention_bias: bool = False,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        inner = num_attention_heads * attention_head_dim
+        self.use_linear_projection = use_linear_projection
+        self.norm = GroupNorm(norm_num_groups, in_channels, eps=1e-6, rngs=rngs)
+        self.proj_in = nnx.Linear(in_channels, inner, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(inner, num_attention_heads, attention_head_dim,
+                                  cross_attention_dim=cross_attention_dim, activation_fn=activation_fn,
+                                  attention_bias=attention_bias, upcast_attention=upcast_attention,
+                                  rngs=rngs, dtype=dtype)
+            for _ in range(num_layers)])
+        self.proj_out = nnx.Linear(inner, in_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, context=None):
+        """x: ``(N, H, W, C)``; context: ``(N, S, D)`` or None. Returns ``(N, H, W, C)``."""
+        n, h, w, c = x.shape
+        tokens = self.proj_in(self.norm(x).reshape(n, h * w, c))
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return self.proj_out(tokens).reshape(n, h, w, c) + x
