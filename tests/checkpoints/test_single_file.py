@@ -48,9 +48,28 @@ class Case:
         return {k: v.numpy() for k, v in self.original.items()}
 
 
+_CASES: dict = {}
+
+
+def _case(variant, tmp_path_factory):
+    if variant not in _CASES:
+        _CASES[variant] = Case(variant, tmp_path_factory.mktemp(f"single_file_{variant}"))
+    return _CASES[variant]
+
+
 @pytest.fixture(scope="module", params=VARIANTS)
 def case(request, tmp_path_factory):
-    return Case(request.param, tmp_path_factory.mktemp(f"single_file_{request.param}"))
+    return _case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd1_case(tmp_path_factory):
+    return _case("sd1", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd2_case(tmp_path_factory):
+    return _case("sd2", tmp_path_factory)
 
 
 # --------------------------------------------------------------------------------- the fixture itself
@@ -170,9 +189,8 @@ def test_prediction_type_rules(tmp_path, case):
         split_original_checkpoint(sd, prediction_type="x0")
 
 
-def test_ckpt_needs_allow_pickle(tmp_path, case):
-    if case.variant != "sd2":
-        pytest.skip("one variant is enough")
+def test_ckpt_needs_allow_pickle(tmp_path, sd2_case):
+    case = sd2_case
     path = tiny_sd.write_original_single_file(case.components, tmp_path / "model.ckpt", "sd2", global_step=875000)
     with pytest.raises(CheckpointError, match="pickle"):
         load_single_file(path)
@@ -182,9 +200,8 @@ def test_ckpt_needs_allow_pickle(tmp_path, case):
     _assert_same_weights(comp.text_state_dict, case.text_sd)
 
 
-def test_half_precision_file_keeps_its_dtype(tmp_path, case):
-    if case.variant != "sd1":
-        pytest.skip("one variant is enough")
+def test_half_precision_file_keeps_its_dtype(tmp_path, sd1_case):
+    case = sd1_case
     path = tiny_sd.write_original_single_file(case.components, tmp_path / "fp16.safetensors", "sd1",
                                               dtype=torch.float16)
     comp = load_single_file(path)
@@ -255,9 +272,8 @@ def token_ids():
     return ids
 
 
-def test_sd2_text_is_openclip_penultimate(case, token_ids):
-    if case.variant != "sd2":
-        pytest.skip("SD2 only")
+def test_sd2_text_is_openclip_penultimate(sd2_case, token_ids):
+    case = sd2_case
     from transformers import CLIPTextConfig, CLIPTextModel
 
     comp = case.loaded
@@ -280,12 +296,6 @@ def test_sd2_text_is_openclip_penultimate(case, token_ids):
 
 @pytest.fixture(scope="module")
 def nnx_models(case):
-    try:
-        import vldm_jax.models.autoencoder  # noqa: F401
-        import vldm_jax.models.clip  # noqa: F401
-        import vldm_jax.models.unet  # noqa: F401
-    except ImportError as e:  # pragma: no cover - while the models are being written
-        pytest.skip(f"NNX models not available: {e}")
     return build_single_file_models(case.loaded)
 
 
