@@ -136,12 +136,12 @@ def test_build_module_key_layouts(pair, prefixed):
     sd[prefix + "embeddings.position_ids"] = np.arange(ours.config.max_position_embeddings)[None]
     cfg = CLIPTextConfig.from_dict({"text_config": ref.config.to_dict()})  # a full CLIPModel config nests it
     assert cfg == ours.config
-    model = build_module(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)), sd, rename=CLIP_TEXT_RENAME)
+    model = build_module(lambda rngs: CLIPTextModel(cfg, rngs=rngs), sd, rename=CLIP_TEXT_RENAME)
     x = jnp.asarray(ids, jnp.int32)
     np.testing.assert_array_equal(model(x).last_hidden_state, ours(x).last_hidden_state)
     sd["text_model.extra.weight"] = np.zeros(3, np.float32)
     with pytest.raises(CheckpointError, match="text_model.extra.weight"):
-        build_module(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)), sd, rename=CLIP_TEXT_RENAME)
+        build_module(lambda rngs: CLIPTextModel(cfg, rngs=rngs), sd, rename=CLIP_TEXT_RENAME)
 
 
 def test_config_errors():

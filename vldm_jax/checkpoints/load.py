@@ -44,7 +44,15 @@ class Family:
 # class name in config.json -> family. Imported lazily so that loading one family does not import all.
 FAMILIES: dict[str, Family] = {
     "UNet2DConditionModel": Family("vldm_jax.models.unet", "UNet2DConditionConfig", "UNet2DConditionModel", "UNET_RENAME"),
+    # Stable Video Diffusion U-Net: diffusers names match ours; our video U-Net made from an SD U-Net
+    # (VideoUNet) only comes from our own format, so it needs no rename table either.
+    "UNetSpatioTemporalConditionModel": Family("vldm_jax.models.unet", "UNetSpatioTemporalConditionConfig",
+                                               "UNetSpatioTemporalConditionModel", "UNET_RENAME"),
+    "VideoUNet": Family("vldm_jax.models.unet", "VideoUNetConfig", "VideoUNet", "UNET_RENAME"),
     "AutoencoderKL": Family("vldm_jax.models.autoencoder", "AutoencoderKLConfig", "AutoencoderKL", "VAE_RENAME"),
+    # Same module names as the image VAE's (plus the temporal layers), and the same legacy attention names.
+    "AutoencoderKLTemporalDecoder": Family("vldm_jax.models.autoencoder", "AutoencoderKLTemporalDecoderConfig",
+                                           "AutoencoderKLTemporalDecoder", "VAE_RENAME"),
     "CLIPTextModel": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "CLIP_TEXT_RENAME"),
     "CLIPTextModelWithProjection": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModelWithProjection",
                                           "CLIP_TEXT_RENAME"),
@@ -57,15 +65,42 @@ def register_family(class_name: str, family: Family) -> None:
 
 # ----------------------------------------------------------------------------------------------- weights
 
-_ST_DTYPES = {
+_ST_DTYPES: dict[str, Any] = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
 
+ALIGN = 64
+
+
+def write_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a standard ``.safetensors`` file laid out for zero-copy loading: the data section starts
+    64-byte aligned and tensors go largest first, so every tensor whose size is a multiple of 64 bytes
+    (all large ones) stays aligned. Not atomic by itself: callers write inside a temporary folder."""
+    names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+    order = sorted(arrays, key=lambda k: (-np.asarray(arrays[k]).nbytes, k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for k in order:
+        a = np.asarray(arrays[k])
+        if a.dtype not in names:
+            raise CheckpointError(f"cannot store {k}: dtype {a.dtype} has no safetensors name")
+        header[k] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)  # the format allows trailing spaces in the header
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:
+            f.write(np.ascontiguousarray(arrays[k]).tobytes(order="C"))
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a ``.safetensors`` file as read-only numpy views of a memory map (no copy, any dtype incl. bf16)."""
+    """Reads a ``.safetensors`` file as numpy views of a private memory map (no copy, any dtype incl. bf16)."""
     path = Path(path)
     try:
         f = open(path, "rb")
@@ -83,7 +118,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
         size = os.fstat(f.fileno()).st_size
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+        # Copy-on-write: arrays may alias the mapping zero-copy (JAX on CPU does for 64-byte aligned data),
+        # and a private mapping keeps any later in-place write away from the file.
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -219,7 +256,7 @@ def build_from_state_dict(class_name: str, config: Mapping[str, Any] | Any, stat
             config = config[fam.config_key]
         config = config_from_dict(config_cls, dict(config))
     table = getattr(convert, fam.rename) if rename is None else rename
-    return convert.build_module(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype), state_dict,
+    return convert.build_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype), state_dict,
                                 rename=table, name=name or class_name, dtype=param_dtype)
 
 

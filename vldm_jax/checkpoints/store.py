@@ -1,8 +1,12 @@
-"""Our own weight format: a folder with ``vldm_config.json`` (class name + config) and an orbax checkpoint.
+"""Our own weight format: a folder with ``vldm_config.json`` (class name + config) and ``params.safetensors``
+holding the NNX state under its own paths, already in NNX layout and 64-byte aligned.
 
-Loading it skips key mapping and transposes (the arrays are already in NNX layout), which is what
-makes ``vldm convert`` worth running once. Every write goes to a temporary sibling folder that is
-renamed into place at the end, so a killed write never leaves a half-written model under the name.
+Loading it skips key mapping and transposes, and on CPU the arrays alias the memory-mapped file
+without a copy: that is what makes ``vldm convert`` worth running once (an orbax checkpoint of the
+same weights restored no faster than converting the diffusers file again, see docs/benchmarks.md;
+orbax stays the format of training checkpoints, which need sharded, async, multi-host saves).
+Every write goes to a temporary sibling folder that is renamed into place at the end, so a killed
+write never leaves a half-written model under the name.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from vldm_jax.checkpoints.convert import abstract_module, merge_arrays
+from vldm_jax.checkpoints.load import read_safetensors, write_safetensors
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import config_from_dict, config_to_dict
 
@@ -57,28 +63,27 @@ def class_name_of_module(module: nnx.Module) -> str:
     raise CheckpointError(f"cannot save a {type(module).__name__}: not a registered model family")
 
 
+def state_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
+    """The module's variables as ``{"a.0.b.kernel": array}`` (our own paths, NNX layout)."""
+    _, state = nnx.split(module)
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
 def save_module(module: nnx.Module, folder: str | os.PathLike) -> None:
     """Writes ``module`` (which must carry ``.config``) into an existing empty ``folder``."""
-    import orbax.checkpoint as ocp
-
-    folder = Path(folder).absolute()
+    folder = Path(folder)
     meta = {"format": "vldm_jax", "version": FORMAT_VERSION, "_class_name": class_name_of_module(module),
             "config": config_to_dict(module.config)}
-    _, state = nnx.split(module)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(folder / "params", nnx.to_pure_dict(state))
-        ckptr.wait_until_finished()
+    write_safetensors(folder / "params.safetensors", state_arrays(module))
     with open(folder / "vldm_config.json", "w") as f:
         json.dump(meta, f, indent=1)
 
 
 def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
     """Loads a folder written by :func:`save_module`."""
-    import orbax.checkpoint as ocp
-
     from vldm_jax.checkpoints.load import family_of
 
-    folder = Path(folder).absolute()
+    folder = Path(folder)
     with open(folder / "vldm_config.json") as f:
         meta = json.load(f)
     if meta.get("format") != "vldm_jax" or meta.get("version") != FORMAT_VERSION:
@@ -87,13 +92,18 @@ def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Modul
     mod = importlib.import_module(fam.module)
     config = config_from_dict(getattr(mod, fam.config_cls), meta["config"])
     model_cls = getattr(mod, fam.model_cls)
-    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, abstract_state = nnx.split(abstract)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(folder / "params", target)
-    except Exception as e:
-        raise CheckpointError(f"{folder}: cannot restore weights: {str(e).splitlines()[0]}") from None
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    return nnx.merge(graphdef, abstract_state)
+    graphdef, abstract_state = abstract_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype))
+    stored = read_safetensors(folder / "params.safetensors")
+    arrays, problems = {}, []
+    for path, var in nnx.to_flat_state(abstract_state):
+        key = ".".join(map(str, path))
+        if key not in stored:
+            problems.append(f"missing {key}")
+        elif tuple(stored[key].shape) != tuple(var.get_value().shape):
+            problems.append(f"mis-shaped {key} {tuple(stored[key].shape)}")
+        else:
+            arrays[tuple(path)] = stored.pop(key)
+    problems += [f"unexpected {k}" for k in stored]
+    if problems:
+        raise CheckpointError(f"{folder}: weights do not fit the model: {', '.join(problems[:6])}")
+    return merge_arrays(graphdef, abstract_state, arrays)
