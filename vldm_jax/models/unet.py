@@ -1,4 +1,4 @@
-"""The Stable Diffusion U-Net (diffusers ``UNet2DConditionModel``) in Flax NNX.
+"""The Stable Diffusion U-Net (diffusers ``UNet2DConditionModel``) and the video U-Net built on it, in Flax NNX.
 
 Attribute names mirror diffusers (``down_blocks[i].resnets[j]``, ``.attentions[j]``,
 ``.downsamplers[0].conv``, ``mid_block``, ``up_blocks[i].upsamplers[0].conv``...), so a diffusers
@@ -10,22 +10,33 @@ The video U-Net builds on this file: every block runs its layers through two hoo
 spatial transformer (or wrap them) without repeating the block logic. Extra keyword arguments of a
 block call (``num_frames``...) are handed to the hooks untouched. Spatial layers always see
 ``(N, H, W, C)``, where ``N`` may be ``B*F`` folded frames.
+
+The video U-Net (:class:`VideoUNet`; :class:`UNetSpatioTemporalConditionModel` for Stable Video
+Diffusion folders) is this code with temporal layers switched on by its config: its blocks make
+``SpatioTemporalResBlock`` / ``TransformerSpatioTemporalModel`` layers (diffusers' SVD names: the 2D
+resnet sits at ``resnets.N.spatial_res_block``, the temporal parts at ``temporal_res_block``,
+``temporal_transformer_blocks``, ``time_pos_embed``, ``time_mixer``), and its forward folds frames
+around the same network. An SD image checkpoint maps into that layout by one rename,
+``resnets.N.<rest>`` -> ``resnets.N.spatial_res_block.<rest>`` (``models/roles.py``); transformer keys
+keep their names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vldm_jax.errors import ConfigError
+from vldm_jax.errors import ConfigError, UserError
 from vldm_jax.nn.attention import Transformer2DModel
 from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
+from vldm_jax.nn.temporal import (FRAME_POSITION_ENCODINGS, MERGE_STRATEGIES, SpatioTemporalResBlock,
+                                  TransformerSpatioTemporalModel, fold_frames, unfold_frames)
 
 IntOrTuple = Any  # int | tuple[int, ...] (| tuple[tuple[int, ...], ...] for transformer layers)
 
@@ -95,9 +106,14 @@ class UNet2DConditionConfig:
     mid_block_only_cross_attention: bool | None = None
     cross_attention_norm: str | None = None
 
+    # Block types this config accepts (the video config adds its own).
+    supported_down_blocks: ClassVar[tuple] = DOWN_BLOCK_TYPES
+    supported_up_blocks: ClassVar[tuple] = UP_BLOCK_TYPES
+    supported_mid_blocks: ClassVar[tuple] = MID_BLOCK_TYPES
+
     def __post_init__(self):
         def bad(msg):
-            raise ConfigError(f"UNet2DConditionConfig: {msg}")
+            raise ConfigError(f"{type(self).__name__}: {msg}")
 
         n = len(self.down_block_types)
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
@@ -109,13 +125,14 @@ class UNet2DConditionConfig:
             if isinstance(value, tuple) and len(value) != n:
                 bad(f"{name} has {len(value)} entries for {n} blocks")
         for t in self.down_block_types:
-            if _strip_res(t) not in DOWN_BLOCK_TYPES:
-                bad(f"unsupported down block type {t!r} (supported: {', '.join(DOWN_BLOCK_TYPES)})")
+            if _strip_res(t) not in self.supported_down_blocks:
+                bad(f"unsupported down block type {t!r} (supported: {', '.join(self.supported_down_blocks)})")
         for t in self.up_block_types:
-            if _strip_res(t) not in UP_BLOCK_TYPES:
-                bad(f"unsupported up block type {t!r} (supported: {', '.join(UP_BLOCK_TYPES)})")
-        if self.mid_block_type not in MID_BLOCK_TYPES:
-            bad(f"unsupported mid block type {self.mid_block_type!r} (supported: UNetMidBlock2DCrossAttn or null)")
+            if _strip_res(t) not in self.supported_up_blocks:
+                bad(f"unsupported up block type {t!r} (supported: {', '.join(self.supported_up_blocks)})")
+        if self.mid_block_type not in self.supported_mid_blocks:
+            names = ", ".join(str(m) for m in self.supported_mid_blocks if m) + " or null"
+            bad(f"unsupported mid block type {self.mid_block_type!r} (supported: {names})")
         only = self.only_cross_attention
         if any(only if isinstance(only, tuple) else (only,)) or self.mid_block_only_cross_attention:
             bad("only_cross_attention=true is not supported")
@@ -365,10 +382,13 @@ class UNet2DConditionModel(nnx.Module):
         self.time_embedding = TimestepEmbedding(channels[0], temb, act_fn=c.act_fn, rngs=rngs, dtype=dtype)
 
         common = dict(temb_channels=temb, eps=c.norm_eps, groups=c.norm_num_groups,
-                      time_scale_shift=c.resnet_time_scale_shift, remat=remat, rngs=rngs, dtype=dtype)
+                      time_scale_shift=c.resnet_time_scale_shift, remat=remat, rngs=rngs, dtype=dtype,
+                      **self._block_kwargs())
 
         def attention_kwargs(block_type, heads, cross_attention_dim, transformer_layers):
-            if "CrossAttn" not in block_type:
+            # Mid blocks always attend; down/up blocks say so with has_attention.
+            block_cls = {**self.DOWN_BLOCKS, **self.UP_BLOCKS, **self.MID_BLOCKS}[block_type]
+            if not getattr(block_cls, "has_attention", True):
                 return {}
             return dict(heads=heads, cross_attention_dim=cross_attention_dim, transformer_layers=transformer_layers,
                         use_linear_projection=c.use_linear_projection, upcast_attention=c.upcast_attention)
@@ -413,6 +433,10 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2,
                                rngs=rngs, dtype=dtype)
 
+    def _block_kwargs(self) -> dict:
+        """Extra keyword arguments for every block's constructor (the video U-Net's temporal settings)."""
+        return {}
+
     def set_remat(self, remat: bool | Callable) -> None:
         """Turns rematerialisation of every block's layers on (True or a policy) or off (False)."""
         for _, module in nnx.iter_graph(self):
@@ -435,13 +459,16 @@ class UNet2DConditionModel(nnx.Module):
         ``added_cond_kwargs`` is accepted for diffusers call compatibility; no supported config uses it.
         ``extra`` keyword arguments go to every block's layer hooks (used by the video U-Net).
         """
-        c = self.config
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
-        if c.center_input_sample:
-            x = 2 * x - 1.0
         emb = self.time_embed(timestep, x.shape[0])
+        return self.forward_embedded(x, emb, context, return_skips=return_skips, **extra)
 
+    def forward_embedded(self, x, emb, context, *, return_skips=False, **extra):
+        """The network after conditioning: x ``(N, H, W, in_channels)``, emb ``(N, time_embed_dim)``, context
+        ``(N, S, D)``, all in the compute dtype (``N`` may be ``B*F`` folded frames)."""
+        if self.config.center_input_sample:
+            x = 2 * x - 1.0
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
@@ -462,3 +489,359 @@ class UNet2DConditionModel(nnx.Module):
 
         x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
         return (x, down_skips) if return_skips else x
+
+
+# ============================================================================================ video U-Net
+
+# Rematerialisation policies by name (config ``remat_policy``): "full" recomputes each resnet/transformer
+# in the backward pass; "dots_saveable" keeps matmul/conv outputs and recomputes the cheap elementwise rest.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": False,
+    "full": True,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_policy(value: str | bool | Callable) -> bool | Callable:
+    """A ``remat`` setting from a policy name (``none``, ``full``, ``dots_saveable``), a bool or a policy."""
+    if isinstance(value, str):
+        if value not in REMAT_POLICIES:
+            raise ConfigError(f"unknown remat_policy {value!r}; choose one of {', '.join(REMAT_POLICIES)}")
+        return REMAT_POLICIES[value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalConfig:
+    """Settings of the temporal layers. The defaults reproduce Stable Video Diffusion; :meth:`paper` gives
+    the Video LDM variant (relative frame positions), the default of :meth:`VideoUNet.from_image_unet`.
+
+    ``frame_position_encoding``: ``"absolute"`` (SVD: the sinusoid of the frame index through the MLP
+    ``time_pos_embed``, added to the temporal branch's input), ``"relative"`` (the paper: a learned
+    per-head bias of the temporal self-attention logits, a linear map of the sinusoid of the frame
+    distance ``i - j`` of width ``relative_position_dim``), or ``"none"``.
+    ``temporal_cross_attention``: temporal blocks cross-attend to the context (the text; SVD: the image
+    embedding of the first frame). ``temporal_kernel_size``: the ``(F, H, W)`` kernel of the temporal
+    resnets' 3D convolutions. ``merge_strategy`` / ``merge_factor``: the AlphaBlenders' strategy and
+    initial value (a logit for the learned strategies: alpha = sigmoid(merge_factor)).
+    ``num_frames``: the frame count the model was trained for (SVD's config field; the forward pass
+    takes any count).
+    """
+
+    num_frames: int = 25
+    frame_position_encoding: str = "absolute"
+    relative_position_dim: int = 64
+    temporal_cross_attention: bool = True
+    temporal_kernel_size: tuple[int, int, int] = (3, 1, 1)
+    merge_strategy: str = "learned_with_images"
+    merge_factor: float = 0.5
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.frame_position_encoding not in FRAME_POSITION_ENCODINGS:
+            raise ConfigError(f"{name}: frame_position_encoding {self.frame_position_encoding!r} is not one of "
+                              f"{', '.join(FRAME_POSITION_ENCODINGS)}")
+        if self.merge_strategy not in MERGE_STRATEGIES:
+            raise ConfigError(f"{name}: merge_strategy {self.merge_strategy!r} is not one of "
+                              f"{', '.join(MERGE_STRATEGIES)}")
+        k = self.temporal_kernel_size
+        if len(k) != 3 or any(int(v) < 1 or int(v) % 2 == 0 for v in k):
+            raise ConfigError(f"{name}: temporal_kernel_size must be three odd sizes (F, H, W), got {k}")
+        if self.relative_position_dim < 2 or self.relative_position_dim % 2:
+            raise ConfigError(f"{name}: relative_position_dim must be a positive even number")
+
+    @classmethod
+    def paper(cls, **overrides) -> "TemporalConfig":
+        """The Video LDM paper's temporal layers: relative sinusoidal frame positions."""
+        return cls(**{"frame_position_encoding": "relative", **overrides})
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(TemporalConfig))
+
+
+VIDEO_DOWN_BLOCK_TYPES = DOWN_BLOCK_TYPES + ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal")
+VIDEO_UP_BLOCK_TYPES = UP_BLOCK_TYPES + ("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal")
+VIDEO_MID_BLOCK_TYPES = MID_BLOCK_TYPES + ("UNetMidBlockSpatioTemporal",)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoUNetConfig(TemporalConfig, UNet2DConditionConfig):
+    """A U-Net config with temporal layers: every ``UNet2DConditionConfig`` field, the
+    :class:`TemporalConfig` fields, and:
+
+    ``use_added_time_ids``: SVD's micro-conditioning: ``added_time_ids (B, n)`` (fps, motion bucket,
+    noise augmentation) -> sinusoids of width ``addition_time_embed_dim`` -> ``add_embedding``
+    (``projection_class_embeddings_input_dim = n * addition_time_embed_dim``), added to the timestep
+    embedding. ``remat_policy``: ``none``, ``full`` or ``dots_saveable``.
+
+    2D block types (``CrossAttnDownBlock2D``...) take their resnet eps from ``norm_eps`` (a video U-Net
+    made from an SD checkpoint); SVD's ``*SpatioTemporal`` types use the eps diffusers hard-codes per block.
+    """
+
+    use_added_time_ids: bool = False
+    remat_policy: str = "none"
+
+    supported_down_blocks: ClassVar[tuple] = VIDEO_DOWN_BLOCK_TYPES
+    supported_up_blocks: ClassVar[tuple] = VIDEO_UP_BLOCK_TYPES
+    supported_mid_blocks: ClassVar[tuple] = VIDEO_MID_BLOCK_TYPES
+
+    def __post_init__(self):
+        UNet2DConditionConfig.__post_init__(self)
+        TemporalConfig.__post_init__(self)
+        remat_policy(self.remat_policy)
+        if self.use_added_time_ids and (self.addition_time_embed_dim is None
+                                        or self.projection_class_embeddings_input_dim is None):
+            raise ConfigError(f"{type(self).__name__}: added time ids need addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim")
+
+    @property
+    def temporal(self) -> TemporalConfig:
+        return TemporalConfig(**{name: getattr(self, name) for name in TemporalConfig.fields()})
+
+    @classmethod
+    def from_image_config(cls, image: UNet2DConditionConfig, temporal: TemporalConfig | None = None,
+                          **overrides) -> "VideoUNetConfig":
+        """The image U-Net's config with temporal layers (``temporal``: default :meth:`TemporalConfig.paper`)."""
+        temporal = TemporalConfig.paper() if temporal is None else temporal
+        image_fields = {f.name: getattr(image, f.name) for f in dataclasses.fields(UNet2DConditionConfig)}
+        temporal_fields = {name: getattr(temporal, name) for name in TemporalConfig.fields()}
+        return cls(**{**image_fields, **temporal_fields, **overrides})
+
+    def image_config(self) -> UNet2DConditionConfig:
+        """The config of the image U-Net whose weights are this video U-Net's spatial layers."""
+        types = (*self.down_block_types, *self.up_block_types, self.mid_block_type or "")
+        if any("SpatioTemporal" in t for t in types):
+            raise ConfigError("SVD block types (*SpatioTemporal) have no image-only U-Net counterpart")
+        names = [f.name for f in dataclasses.fields(UNet2DConditionConfig)]
+        return UNet2DConditionConfig(**{name: getattr(self, name) for name in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetSpatioTemporalConditionConfig(VideoUNetConfig):
+    """diffusers ``UNetSpatioTemporalConditionModel`` config.json (Stable Video Diffusion): its fields
+    (sample_size, in_channels, out_channels, down/up_block_types, block_out_channels,
+    addition_time_embed_dim, projection_class_embeddings_input_dim, layers_per_block, cross_attention_dim,
+    transformer_layers_per_block, num_attention_heads, num_frames) with diffusers' defaults, on top of
+    :class:`VideoUNetConfig` (whose other fields keep the values diffusers hard-codes for SVD).
+    """
+
+    in_channels: int = 8
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+                                         "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal")
+    mid_block_type: str | None = "UNetMidBlockSpatioTemporal"
+    up_block_types: tuple[str, ...] = ("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
+                                       "CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")
+    cross_attention_dim: IntOrTuple = 1024
+    num_attention_heads: IntOrTuple | None = (5, 10, 20, 20)
+    use_linear_projection: bool = True
+    addition_time_embed_dim: int | None = 256
+    projection_class_embeddings_input_dim: int | None = 768
+    use_added_time_ids: bool = True
+
+
+class _VideoLayers:
+    """Mixin for U-Net blocks: makes spatio-temporal layers and runs them with the frame arguments.
+
+    ``resnet_eps``: the eps an SVD block type hard-codes (None: the config's ``norm_eps``).
+    """
+
+    resnet_eps: ClassVar[float | None] = None
+
+    def __init__(self, *args, temporal: TemporalConfig, **kwargs):
+        self.temporal = temporal
+        super().__init__(*args, **kwargs)
+
+    def _make_resnet(self, in_channels, out_channels, *, temb_channels, eps, groups, time_scale_shift,
+                     output_scale_factor=1.0, rngs, dtype):
+        t = self.temporal
+        return SpatioTemporalResBlock(in_channels, out_channels, temb_channels=temb_channels,
+                                      eps=self.resnet_eps or eps, groups=groups, time_embedding_norm=time_scale_shift,
+                                      output_scale_factor=output_scale_factor, kernel=tuple(t.temporal_kernel_size),
+                                      merge_factor=t.merge_factor, merge_strategy=t.merge_strategy,
+                                      rngs=rngs, dtype=dtype)
+
+    def _make_attention(self, channels, *, heads, num_layers, cross_attention_dim, groups, use_linear_projection,
+                        upcast_attention, rngs, dtype):
+        t = self.temporal
+        return TransformerSpatioTemporalModel(
+            heads, channels // heads, channels, num_layers=num_layers, cross_attention_dim=cross_attention_dim,
+            norm_num_groups=groups, use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+            frame_position_encoding=t.frame_position_encoding, relative_position_dim=t.relative_position_dim,
+            temporal_cross_attention=t.temporal_cross_attention, merge_factor=t.merge_factor,
+            merge_strategy=t.merge_strategy, rngs=rngs, dtype=dtype)
+
+    def _resnet(self, j, x, temb, *, num_frames, image_only_indicator):
+        return self.resnets[j](x, temb, num_frames=num_frames, image_only_indicator=image_only_indicator)
+
+    def _attention(self, j, x, context, *, num_frames, image_only_indicator):
+        return self.attentions[j](x, context, num_frames=num_frames, image_only_indicator=image_only_indicator)
+
+
+class VideoDownBlock(_VideoLayers, DownBlock2D):
+    """``DownBlock2D`` with a temporal resnet after every resnet."""
+
+
+class VideoCrossAttnDownBlock(_VideoLayers, CrossAttnDownBlock2D):
+    """``CrossAttnDownBlock2D`` with temporal layers after every resnet and every spatial transformer block."""
+
+
+class VideoUpBlock(_VideoLayers, UpBlock2D):
+    """``UpBlock2D`` with a temporal resnet after every resnet."""
+
+
+class VideoCrossAttnUpBlock(_VideoLayers, CrossAttnUpBlock2D):
+    """``CrossAttnUpBlock2D`` with temporal layers after every resnet and every spatial transformer block."""
+
+
+class VideoMidBlock(_VideoLayers, UNetMidBlock2DCrossAttn):
+    """``UNetMidBlock2DCrossAttn`` with temporal layers."""
+
+
+# SVD's block types: the same blocks with the resnet eps diffusers hard-codes in each.
+class DownBlockSpatioTemporal(VideoDownBlock):
+    resnet_eps = 1e-5
+
+
+class CrossAttnDownBlockSpatioTemporal(VideoCrossAttnDownBlock):
+    resnet_eps = 1e-6
+
+
+class UpBlockSpatioTemporal(VideoUpBlock):
+    resnet_eps = 1e-6
+
+
+class CrossAttnUpBlockSpatioTemporal(VideoCrossAttnUpBlock):
+    resnet_eps = 1e-6
+
+
+class UNetMidBlockSpatioTemporal(VideoMidBlock):
+    resnet_eps = 1e-5
+
+
+class VideoUNet(UNet2DConditionModel):
+    """The video U-Net: ``(sample (B, F, h, w, C), timestep, context) -> (B, F, h, w, C_out)``.
+
+    The image U-Net's code with temporal layers after every spatial resnet and transformer block. Spatial
+    layers run on folded frames ``(B*F, h, w, C)``, temporal layers on ``(B, F, h, w, C)`` (3D convs) or
+    ``(B*h*w, F, C)`` (attention). A freshly initialised video U-Net has every temporal branch zeroed at
+    its last layer, so it equals its spatial network frame by frame (:meth:`from_image_unet`).
+
+    ``remat``: None (the config's ``remat_policy``), a policy name, a bool or a ``jax.checkpoint`` policy.
+    """
+
+    DOWN_BLOCKS = {"CrossAttnDownBlock2D": VideoCrossAttnDownBlock, "DownBlock2D": VideoDownBlock,
+                   "CrossAttnDownBlockSpatioTemporal": CrossAttnDownBlockSpatioTemporal,
+                   "DownBlockSpatioTemporal": DownBlockSpatioTemporal}
+    UP_BLOCKS = {"CrossAttnUpBlock2D": VideoCrossAttnUpBlock, "UpBlock2D": VideoUpBlock,
+                 "CrossAttnUpBlockSpatioTemporal": CrossAttnUpBlockSpatioTemporal,
+                 "UpBlockSpatioTemporal": UpBlockSpatioTemporal}
+    MID_BLOCKS = {"UNetMidBlock2DCrossAttn": VideoMidBlock, "UNetMidBlockSpatioTemporal": UNetMidBlockSpatioTemporal}
+
+    def __init__(self, config: VideoUNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 remat: str | bool | Callable | None = None):
+        if not isinstance(config, VideoUNetConfig):
+            raise ConfigError(f"{type(self).__name__} needs a VideoUNetConfig, got {type(config).__name__}")
+        super().__init__(config, rngs=rngs, dtype=dtype,
+                         remat=remat_policy(config.remat_policy if remat is None else remat))
+        c = config
+        self.add_embedding = (TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim,
+                                                act_fn=c.act_fn, rngs=rngs, dtype=dtype)
+                              if c.use_added_time_ids else None)
+
+    def _block_kwargs(self) -> dict:
+        return {"temporal": self.config.temporal}
+
+    def set_remat(self, remat: str | bool | Callable) -> None:
+        super().set_remat(remat_policy(remat))
+
+    def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids=None, *, image_only_indicator=None,
+                 return_skips=False):
+        """sample: ``(B, F, h, w, in_channels)``; timestep: scalar, ``(B,)`` or per frame ``(B, F)``;
+        encoder_hidden_states: ``(B, S, cross_attention_dim)``; added_time_ids: ``(B, n)`` (SVD configs);
+        image_only_indicator: ``(B, F)``, 1 for frames that are independent images (alpha = 1 under
+        ``learned_with_images``); default all zeros.
+
+        Returns ``(B, F, h, w, out_channels)`` in the compute dtype (with ``return_skips`` also the folded
+        down-path skips).
+        """
+        c = self.config
+        if sample.ndim != 5:
+            raise UserError(f"the video U-Net takes samples (B, F, h, w, C), got shape {tuple(sample.shape)}")
+        b, f = sample.shape[:2]
+        t = jnp.asarray(timestep, jnp.float32)
+        if t.ndim == 2:  # per-frame timesteps
+            emb = self.time_embed(t.reshape(-1), b * f).reshape(b, f, -1)
+        else:
+            emb = jnp.broadcast_to(self.time_embed(t, b)[:, None], (b, f, c.time_embed_dim))
+        if self.add_embedding is not None:
+            if added_time_ids is None:
+                raise UserError("this U-Net is conditioned on added_time_ids (B, n) (fps, motion bucket, noise aug)")
+            ids = jnp.asarray(added_time_ids, jnp.float32)
+            if ids.ndim != 2 or ids.shape[0] != b or ids.shape[1] * c.addition_time_embed_dim != \
+                    c.projection_class_embeddings_input_dim:
+                raise UserError(f"added_time_ids must have shape ({b}, "
+                                f"{c.projection_class_embeddings_input_dim // c.addition_time_embed_dim}), "
+                                f"got {tuple(ids.shape)}")
+            sinus = timestep_embedding(ids.reshape(-1), c.addition_time_embed_dim, flip_sin_to_cos=True,
+                                       downscale_freq_shift=0)
+            emb = emb + self.add_embedding(sinus.reshape(b, -1).astype(self.dtype))[:, None]
+        if image_only_indicator is None:
+            image_only_indicator = jnp.zeros((b, f), self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+        context = jnp.broadcast_to(context[:, None], (b, f) + context.shape[1:])
+        out = self.forward_embedded(fold_frames(sample.astype(self.dtype)), fold_frames(emb), fold_frames(context),
+                                    return_skips=return_skips, num_frames=f,
+                                    image_only_indicator=image_only_indicator)
+        if return_skips:
+            return unfold_frames(out[0], f), out[1]
+        return unfold_frames(out, f)
+
+    @classmethod
+    def from_image_unet(cls, image_unet_or_path, temporal_config: TemporalConfig | dict | None = None, *,
+                        seed: int = 0, dtype=None, remat=None) -> "VideoUNet":
+        """The paper's construction: an image U-Net (module, or a folder ``load_model`` reads; a pipeline
+        folder's ``unet/``) with freshly initialised temporal layers inserted after its spatial layers.
+
+        ``temporal_config``: :class:`TemporalConfig` or a dict of its fields (default
+        :meth:`TemporalConfig.paper`). The spatial weights are the image U-Net's (copied); every temporal
+        branch ends in a zeroed layer, so at initialisation the result equals the image U-Net frame by frame,
+        while the AlphaBlenders keep their learnable logits.
+        """
+        from vldm_jax.models.roles import transplant_spatial
+
+        image = _as_image_unet(image_unet_or_path)
+        if isinstance(temporal_config, dict):
+            temporal_config = TemporalConfig(**temporal_config)
+        config = VideoUNetConfig.from_image_config(image.config, temporal_config)
+        return transplant_spatial(image, config, seed=seed, dtype=image.dtype if dtype is None else dtype,
+                                  remat=remat, model_cls=cls)
+
+
+def _as_image_unet(image_unet_or_path) -> UNet2DConditionModel:
+    if isinstance(image_unet_or_path, nnx.Module):
+        module = image_unet_or_path
+    else:
+        # Loading is the checkpoints layer's job; imported here so that models/ does not depend on it at import.
+        from pathlib import Path
+
+        from vldm_jax.checkpoints.load import load_model
+
+        path = Path(image_unet_or_path)
+        if (path / "model_index.json").exists() and (path / "unet").is_dir():
+            path = path / "unet"
+        module = load_model(path)
+    if isinstance(module, VideoUNet) or type(module) is not UNet2DConditionModel:
+        raise ConfigError(f"expected an image U-Net (UNet2DConditionModel), got {type(module).__name__}")
+    return module
+
+
+class UNetSpatioTemporalConditionModel(VideoUNet):
+    """Stable Video Diffusion's U-Net (diffusers ``UNetSpatioTemporalConditionModel``): a :class:`VideoUNet`
+    with SVD's config. Call: ``model(sample (B, F, h, w, 8), timestep, encoder_hidden_states (B, 1, 1024),
+    added_time_ids (B, 3))`` -> ``(B, F, h, w, 4)``; the image-latent channels are part of ``sample``.
+    """
+
+    def __init__(self, config: UNetSpatioTemporalConditionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 remat=None):
+        super().__init__(config, rngs=rngs, dtype=dtype, remat=remat)

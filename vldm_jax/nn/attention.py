@@ -58,8 +58,9 @@ class Attention(nnx.Module):
         self.to_v = nnx.Linear(kv_dim, inner, use_bias=bias, dtype=dtype, rngs=rngs)
         self.to_out = nnx.List([nnx.Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, rngs=rngs)])
 
-    def __call__(self, x, context=None, mask=None):
-        """x: ``(B, T, C)`` or ``(B, H, W, C)``; context: ``(B, S, D)`` for cross-attention."""
+    def __call__(self, x, context=None, mask=None, bias=None):
+        """x: ``(B, T, C)`` or ``(B, H, W, C)``; context: ``(B, S, D)`` for cross-attention; bias: added to the
+        attention logits, broadcastable to ``(B, heads, T, S)`` (relative frame positions)."""
         residual = x
         spatial_shape = x.shape if x.ndim == 4 else None
         if spatial_shape is not None:
@@ -71,7 +72,9 @@ class Attention(nnx.Module):
         q = self.to_q(x).reshape(b, t, self.heads, -1)
         k = self.to_k(context).reshape(b, context.shape[1], self.heads, -1)
         v = self.to_v(context).reshape(b, context.shape[1], self.heads, -1)
-        out = dot_product_attention(q, k, v, mask=mask, upcast=self.upcast_attention)
+        if bias is not None:
+            bias = bias.astype(jnp.float32 if self.upcast_attention else q.dtype)
+        out = dot_product_attention(q, k, v, mask=mask, bias=bias, upcast=self.upcast_attention)
         out = self.to_out[0](out.reshape(b, t, -1))
         if spatial_shape is not None:
             out = out.reshape(spatial_shape)

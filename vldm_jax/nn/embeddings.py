@@ -63,3 +63,25 @@ class TimestepEmbedding(nnx.Module):
 
     def __call__(self, x):
         return self.linear_2(activation(self.act_fn)(self.linear_1(x)))
+
+
+# ------------------------------------------------------------------------------- frame positions (video)
+
+def frame_index_embedding(num_frames: int, dim: int):
+    """SVD's absolute frame position: the sinusoid of the frame index ``0..F-1`` (``flip_sin_to_cos``,
+    no shift) -> ``(F, dim)`` float32; a learned MLP (``time_pos_embed``) maps it to channels."""
+    return timestep_embedding(jnp.arange(num_frames, dtype=jnp.float32), dim, flip_sin_to_cos=True,
+                              downscale_freq_shift=0)
+
+
+def relative_frame_embedding(num_frames: int, dim: int):
+    """The paper's relative frame positions: the sinusoid of the signed distance ``i - j`` between query
+    frame ``i`` and key frame ``j`` -> ``(F, F, dim)`` float32.
+
+    The sine half is odd in ``i - j``, so a learned projection of it can tell "before" from "after";
+    the cosine half is even and carries the distance alone.
+    """
+    idx = jnp.arange(num_frames, dtype=jnp.float32)
+    dist = (idx[:, None] - idx[None, :]).reshape(-1)
+    emb = timestep_embedding(dist, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    return emb.reshape(num_frames, num_frames, dim)

@@ -1,5 +1,6 @@
-"""The Video LDM temporal layers: frame folding, 3D-conv residual block, and the AlphaBlender that mixes
-a spatial layer's output with its temporal layer's output.
+"""The Video LDM temporal layers: frame folding, 3D-conv residual block, the AlphaBlender that mixes
+a spatial layer's output with its temporal layer's output, and the spatio-temporal pairs the video U-Net
+is made of (``SpatioTemporalResBlock``, ``TransformerSpatioTemporalModel``; diffusers' SVD names).
 
 Layouts: spatial layers see folded frames ``(B*F, H, W, C)``; 3D convolutions see ``(B, F, H, W, C)``;
 temporal attention sees ``(B*H*W, F, C)``. The fold helpers here are the only place that reshapes
@@ -13,7 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vldm_jax.errors import ConfigError
-from vldm_jax.nn.norm import GroupNorm
+from vldm_jax.nn.attention import Attention, FeedForward, Transformer2DModel
+from vldm_jax.nn.embeddings import TimestepEmbedding, frame_index_embedding, relative_frame_embedding
+from vldm_jax.nn.norm import GroupNorm, LayerNorm
+from vldm_jax.nn.resnet import ResnetBlock2D
 
 
 # ------------------------------------------------------------------------------------------ frame folding
@@ -135,3 +139,169 @@ class AlphaBlender(nnx.Module):
             a = 1.0 - a
         a = a.astype(x_spatial.dtype)
         return a * x_spatial + (1 - a) * x_temporal
+
+
+# ------------------------------------------------------------------------------------- video U-Net layers
+
+FRAME_POSITION_ENCODINGS = ("absolute", "relative", "none")
+
+
+def zero_init_layer(layer: nnx.Linear | nnx.Conv) -> None:
+    """Zeroes a layer's kernel and bias: the branch it ends outputs 0, so its residual is the identity."""
+    layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+    if layer.bias is not None:
+        layer.bias[...] = jnp.zeros_like(layer.bias[...])
+
+
+class SpatioTemporalResBlock(nnx.Module):
+    """diffusers ``SpatioTemporalResBlock``: a 2D resnet on every frame, then a 3D-conv temporal resnet
+    across frames, mixed by ``time_mixer``: ``alpha * spatial + (1 - alpha) * temporal``.
+
+    Folded frames ``(B*F, H, W, C_in)`` -> ``(B*F, H, W, C_out)``. With ``zero_init`` (a freshly inserted
+    temporal layer) the temporal branch is the identity on the spatial output, so the block equals its
+    2D resnet for any alpha.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, *, temb_channels: int, eps: float = 1e-6,
+                 groups: int = 32, time_embedding_norm: str = "default", output_scale_factor: float = 1.0,
+                 kernel: tuple[int, int, int] = (3, 1, 1), merge_factor: float = 0.5,
+                 merge_strategy: str = "learned_with_images", zero_init: bool = True,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        out_channels = out_channels or in_channels
+        self.spatial_res_block = ResnetBlock2D(in_channels, out_channels, temb_channels=temb_channels, groups=groups,
+                                               eps=eps, time_embedding_norm=time_embedding_norm,
+                                               output_scale_factor=output_scale_factor, rngs=rngs, dtype=dtype)
+        self.temporal_res_block = TemporalResnetBlock(out_channels, out_channels, temb_channels=temb_channels,
+                                                      eps=eps, groups=groups, kernel=tuple(kernel),
+                                                      zero_init=zero_init, rngs=rngs, dtype=dtype)
+        self.time_mixer = AlphaBlender(merge_factor, merge_strategy, rngs=rngs)
+
+    def __call__(self, x, temb, *, num_frames: int, image_only_indicator=None):
+        """x: ``(B*F, H, W, C_in)``; temb: ``(B*F, T)``; image_only_indicator: ``(B, F)``."""
+        x = self.spatial_res_block(x, temb)
+        video = unfold_frames(x, num_frames)
+        temporal = self.temporal_res_block(video, unfold_frames(temb, num_frames) if temb is not None else None)
+        return fold_frames(self.time_mixer(video, temporal, image_only_indicator))
+
+
+class TemporalBasicTransformerBlock(nnx.Module):
+    """diffusers ``TemporalBasicTransformerBlock`` on frame sequences ``(B*H*W, F, C)``: LayerNorm +
+    GEGLU ``ff_in``, self-attention across frames, optional cross-attention, GEGLU feed-forward, each
+    with a residual.
+
+    ``relative_position_dim``: the paper's relative frame positions. Self-attention then gets a per-head
+    logit bias ``b[h, i, j] = rel_pos_bias(sinusoid(i - j))[h]`` (a learned linear map of the sinusoidal
+    embedding of the signed frame distance), which depends on ``i - j`` only, so it works for any frame
+    count. ``zero_init`` zeroes the last layer of every residual branch: the block starts as the identity.
+    """
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *,
+                 cross_attention_dim: int | None = None, relative_position_dim: int | None = None,
+                 upcast_attention: bool = False, zero_init: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
+        attn = dict(heads=num_attention_heads, dim_head=attention_head_dim, upcast_attention=upcast_attention,
+                    rngs=rngs, dtype=dtype)
+        self.norm_in = LayerNorm(dim, rngs=rngs)
+        self.ff_in = FeedForward(dim, dim_out=dim, activation_fn="geglu", rngs=rngs, dtype=dtype)
+        self.norm1 = LayerNorm(dim, rngs=rngs)
+        self.attn1 = Attention(dim, **attn)
+        self.relative_position_dim = relative_position_dim
+        self.rel_pos_bias = (nnx.Linear(relative_position_dim, num_attention_heads, dtype=jnp.float32, rngs=rngs)
+                             if relative_position_dim else None)
+        if cross_attention_dim is not None:
+            self.norm2 = LayerNorm(dim, rngs=rngs)
+            self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attn)
+        else:
+            self.norm2 = None
+            self.attn2 = None
+        self.norm3 = LayerNorm(dim, rngs=rngs)
+        self.ff = FeedForward(dim, activation_fn="geglu", rngs=rngs, dtype=dtype)
+        if zero_init:
+            for layer in (self.ff_in.net[2], self.attn1.to_out[0], self.ff.net[2]) + (
+                    (self.attn2.to_out[0],) if self.attn2 is not None else ()):
+                zero_init_layer(layer)
+
+    def position_bias(self, num_frames: int):
+        """``(1, heads, F, F)`` float32 logit bias of the relative frame positions, or None."""
+        if self.rel_pos_bias is None:
+            return None
+        bias = self.rel_pos_bias(relative_frame_embedding(num_frames, self.relative_position_dim))
+        return bias.transpose(2, 0, 1)[None]
+
+    def __call__(self, x, context=None):
+        """x: ``(B*H*W, F, C)`` (batch-major); context: ``(B, S, D)`` or None. Returns ``(B*H*W, F, C)``.
+
+        All ``B*H*W`` frame sequences attend in one call. Cross-attention queries are regrouped per video
+        ``(B, H*W*F, C)``: every position of a video sees the same context, so its keys and values are
+        computed once per video instead of once per position.
+        """
+        x = x + self.ff_in(self.norm_in(x))
+        x = x + self.attn1(self.norm1(x), bias=self.position_bias(x.shape[1]))
+        if self.attn2 is not None and context is not None:
+            per_video = self.norm2(x).reshape(context.shape[0], -1, x.shape[-1])
+            x = x + self.attn2(per_video, context).reshape(x.shape)
+        return x + self.ff(self.norm3(x))
+
+
+class TransformerSpatioTemporalModel(Transformer2DModel):
+    """diffusers ``TransformerSpatioTemporalModel``: the spatial transformer (``norm``, ``proj_in``,
+    ``transformer_blocks``, ``proj_out``, as in :class:`Transformer2DModel`) with a temporal block after
+    every spatial block, mixed by one shared ``time_mixer``.
+
+    Frame positions: ``"absolute"`` (SVD) adds ``time_pos_embed(sinusoid(frame index))`` to the temporal
+    branch's input; ``"relative"`` (the paper) biases the temporal self-attention by frame distance;
+    ``"none"`` uses neither. Temporal cross-attention (``temporal_cross_attention``) sees the context of
+    each video's first frame (SVD; for text-to-video every frame has the same text).
+    """
+
+    def __init__(self, num_attention_heads: int, attention_head_dim: int, in_channels: int, *,
+                 num_layers: int = 1, cross_attention_dim: int | None = None, norm_num_groups: int = 32,
+                 use_linear_projection: bool = False, upcast_attention: bool = False,
+                 frame_position_encoding: str = "absolute", relative_position_dim: int = 64,
+                 temporal_cross_attention: bool = True, merge_factor: float = 0.5,
+                 merge_strategy: str = "learned_with_images", zero_init: bool = True,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        if frame_position_encoding not in FRAME_POSITION_ENCODINGS:
+            raise ConfigError(f"unknown frame_position_encoding {frame_position_encoding!r}; "
+                              f"choose one of {FRAME_POSITION_ENCODINGS}")
+        super().__init__(num_attention_heads, attention_head_dim, in_channels, num_layers=num_layers,
+                         cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups,
+                         use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+                         rngs=rngs, dtype=dtype)
+        inner = num_attention_heads * attention_head_dim
+        if inner != in_channels:
+            raise ConfigError(f"temporal transformer needs channels divisible by heads "
+                              f"({in_channels} channels, {num_attention_heads} heads)")
+        self.temporal_transformer_blocks = nnx.List([
+            TemporalBasicTransformerBlock(
+                inner, num_attention_heads, attention_head_dim,
+                cross_attention_dim=cross_attention_dim if temporal_cross_attention else None,
+                relative_position_dim=relative_position_dim if frame_position_encoding == "relative" else None,
+                upcast_attention=upcast_attention, zero_init=zero_init, rngs=rngs, dtype=dtype)
+            for _ in range(num_layers)])
+        if frame_position_encoding == "absolute":
+            self.time_pos_embed = TimestepEmbedding(in_channels, in_channels * 4, out_dim=in_channels,
+                                                    rngs=rngs, dtype=dtype)
+            if zero_init:
+                zero_init_layer(self.time_pos_embed.linear_2)
+        else:
+            self.time_pos_embed = None
+        self.time_mixer = AlphaBlender(merge_factor, merge_strategy, rngs=rngs)
+
+    def __call__(self, x, context=None, *, num_frames: int, image_only_indicator=None):
+        """x: ``(B*F, H, W, C)``; context: ``(B*F, S, D)`` (the text repeated per frame) or None;
+        image_only_indicator: ``(B, F)``. Returns ``(B*F, H, W, C)``."""
+        bf, h, w, c = x.shape
+        tokens = self.proj_in(self.norm(x).reshape(bf, h * w, c))
+        temporal_context = unfold_frames(context, num_frames)[:, 0] if context is not None else None
+        frame_pos = None
+        if self.time_pos_embed is not None:
+            frame_pos = self.time_pos_embed(frame_index_embedding(num_frames, c).astype(tokens.dtype))
+        for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
+            tokens = block(tokens, context)
+            seqs = to_frame_tokens(tokens[:, :, None, :], num_frames)  # (B*H*W, F, C)
+            if frame_pos is not None:
+                seqs = seqs + frame_pos[None]
+            seqs = temporal_block(seqs, temporal_context)
+            temporal = from_frame_tokens(seqs, num_frames, h * w, 1)[:, :, 0, :]
+            tokens = self.time_mixer(tokens, temporal, image_only_indicator)
+        return self.proj_out(tokens).reshape(bf, h, w, c) + x
