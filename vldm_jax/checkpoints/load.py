@@ -56,6 +56,11 @@ FAMILIES: dict[str, Family] = {
     "CLIPTextModel": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "CLIP_TEXT_RENAME"),
     "CLIPTextModelWithProjection": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModelWithProjection",
                                           "CLIP_TEXT_RENAME"),
+    "CLIPVisionModel": Family("vldm_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel", "CLIP_VISION_RENAME",
+                              config_key="vision_config"),
+    "CLIPVisionModelWithProjection": Family("vldm_jax.models.clip", "CLIPVisionConfig",
+                                            "CLIPVisionModelWithProjection", "CLIP_VISION_RENAME",
+                                            config_key="vision_config"),
 }
 
 
