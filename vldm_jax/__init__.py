@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "vldm_jax.checkpoints.load",
     "TextToImagePipeline": "vldm_jax.pipelines.text_to_image",
+    "ImageToVideoPipeline": "vldm_jax.pipelines.image_to_video",
 }
 
 __all__ = ["UserError", "CheckpointError", "ConfigError", *_LAZY]

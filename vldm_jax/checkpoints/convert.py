@@ -178,6 +178,15 @@ CLIP_TEXT_RENAME: RenameTable = (
 )
 
 
+# transformers CLIPVisionModel / CLIPVisionModelWithProjection (SVD's image encoder). As for the text tower,
+# transformers 5 saves a bare CLIPVisionModel without the ``vision_model.`` prefix that our module and hub
+# checkpoints have; older checkpoints saved the position_ids buffer.
+CLIP_VISION_RENAME: RenameTable = (
+    (r"(vision_model\.)?embeddings\.position_ids", None),
+    (r"(embeddings|encoder|pre_layrnorm|post_layernorm)\..+", r"vision_model.\g<0>"),
+)
+
+
 # diffusers AutoencoderKL: current names match. Checkpoints from diffusers < 0.14 name the mid-block
 # attention query/key/value/proj_attn (sometimes stored as 1x1 convs, which torch_to_jax_layout squeezes).
 VAE_RENAME: RenameTable = (

@@ -1,4 +1,5 @@
-"""CLIP text transformer (transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``) in Flax NNX.
+"""CLIP text and vision transformers (transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` /
+``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``) in Flax NNX.
 
 Attribute names mirror transformers (``text_model.encoder.layers[i].self_attn.q_proj`` ...), so a
 transformers state dict converts by the generic rule of :mod:`vldm_jax.checkpoints.convert` with
@@ -109,8 +110,9 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, causal: bool = True):
         d = config.hidden_size
+        self.causal = causal
         self.num_heads = config.num_attention_heads
         self.head_dim = d // config.num_attention_heads
         lin = functools.partial(nnx.Linear, d, d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -120,11 +122,12 @@ class CLIPAttention(nnx.Module):
         self.out_proj = lin()
 
     def __call__(self, x, mask=None):
-        """x ``(B, T, D)``; mask: boolean ``(B, 1, 1, T)`` over keys (True = attend), or None. Causal."""
+        """x ``(B, T, D)``; mask: boolean ``(B, 1, 1, T)`` over keys (True = attend), or None. Causal for text,
+        not for the vision tower."""
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=self.head_dim ** -0.5)
+        out = dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, scale=self.head_dim ** -0.5)
         return self.out_proj(out.reshape(b, t, -1))
 
 
@@ -143,8 +146,8 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.self_attn = CLIPAttention(config, rngs=rngs, dtype=dtype)
+    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, causal: bool = True):
+        self.self_attn = CLIPAttention(config, rngs=rngs, dtype=dtype, causal=causal)
         self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, rngs=rngs)
         self.mlp = CLIPMLP(config, rngs=rngs, dtype=dtype)
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, rngs=rngs)
@@ -155,8 +158,8 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.layers = nnx.List([CLIPEncoderLayer(config, rngs=rngs, dtype=dtype)
+    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, causal: bool = True):
+        self.layers = nnx.List([CLIPEncoderLayer(config, rngs=rngs, dtype=dtype, causal=causal)
                                 for _ in range(config.num_hidden_layers)])
 
 
@@ -252,3 +255,152 @@ class CLIPTextModelWithProjection(_EncodeMixin, nnx.Module):
         """Shapes as :meth:`CLIPTextModel.__call__`; ``text_embeds`` is ``(B, projection_dim)``."""
         out = self.text_model(input_ids, attention_mask, output_hidden_states)
         return CLIPTextModelOutput(self.text_projection(out.pooler_output), out.last_hidden_state, out.hidden_states)
+
+
+# ------------------------------------------------------------------------------------------------- vision
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """transformers ``CLIPVisionConfig`` fields that change the forward pass (defaults: openai ViT-B/32).
+
+    Stable Video Diffusion's image encoder (OpenCLIP ViT-H/14): hidden 1280, 32 layers, 16 heads,
+    intermediate 5120, patch 14, projection 1024, ``hidden_act="gelu"``.
+    """
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int | tuple[int, int] = 224
+    patch_size: int | tuple[int, int] = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"CLIPVisionConfig: unsupported hidden_act {self.hidden_act!r} "
+                              f"(supported: {', '.join(ACTIVATIONS)})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"CLIPVisionConfig: hidden_size {self.hidden_size} is not a multiple of "
+                              f"num_attention_heads {self.num_attention_heads}")
+        (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        if ih % ph or iw % pw:
+            raise ConfigError(f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of "
+                              f"patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along height and width."""
+        (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        return ih // ph, iw // pw
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CLIPVisionConfig":
+        """From a vision-encoder ``config.json``, or a full ``CLIPModel`` one (its ``vision_config``)."""
+        data = dict(data)
+        if isinstance(data.get("vision_config"), Mapping):
+            data = dict(data["vision_config"])
+        return config_from_dict(cls, data)
+
+
+class CLIPVisionOutput(NamedTuple):
+    """last_hidden_state ``(B, 1 + P, D)`` (no final LayerNorm: CLIP's vision tower has none on the tokens);
+    pooler_output ``(B, D)``: the class token after ``post_layernorm``; hidden_states: ``None``, or ``N + 1``
+    arrays ``(B, 1 + P, D)``: the embeddings after ``pre_layrnorm``, then each layer."""
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class CLIPVisionModelOutput(NamedTuple):
+    """image_embeds ``(B, projection_dim)``; the rest as :class:`CLIPVisionOutput`."""
+
+    image_embeds: jax.Array
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class CLIPVisionEmbeddings(nnx.Module):
+    """Patch embedding (a strided conv without bias), the learned class token and absolute positions."""
+
+    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        d = config.hidden_size
+        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), jnp.float32))
+        p = _pair(config.patch_size)
+        self.patch_embedding = nnx.Conv(config.num_channels, d, kernel_size=p, strides=p, padding="VALID",
+                                        use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        gh, gw = config.grid
+        self.position_embedding = nnx.Embed(gh * gw + 1, d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, pixel_values):
+        """pixel_values ``(B, H, W, C)`` (normalised, at ``image_size``) -> tokens ``(B, 1 + P, D)``."""
+        b, h, w, _ = pixel_values.shape
+        ih, iw = _pair(self.config.image_size)
+        if (h, w) != (ih, iw):
+            raise UserError(f"CLIP vision: input is {h}x{w} but the model takes {ih}x{iw} (resize the image first)")
+        patches = self.patch_embedding(pixel_values)
+        patches = patches.reshape(b, -1, patches.shape[-1])
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(patches.dtype), (b, 1, patches.shape[-1]))
+        x = jnp.concatenate([cls, patches], axis=1)
+        return x + self.position_embedding(jnp.arange(x.shape[1]))[None]
+
+
+class CLIPVisionTransformer(nnx.Module):
+    """The vision tower (transformers' ``vision_model`` attribute): embeddings, ``pre_layrnorm`` (transformers'
+    spelling), a bidirectional encoder, ``post_layernorm`` on the class token."""
+
+    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.embeddings = CLIPVisionEmbeddings(config, rngs=rngs, dtype=dtype)
+        self.pre_layrnorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, rngs=rngs)
+        self.encoder = CLIPEncoder(config, rngs=rngs, dtype=dtype, causal=False)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, rngs=rngs)
+
+    def __call__(self, pixel_values, output_hidden_states: bool = False) -> CLIPVisionOutput:
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        states = [x]
+        for layer in self.encoder.layers:
+            x = layer(x)
+            states.append(x)
+        pooled = self.post_layernorm(x[:, 0])
+        return CLIPVisionOutput(x, pooled, tuple(states) if output_hidden_states else None)
+
+
+class CLIPVisionModel(nnx.Module):
+    """transformers ``CLIPVisionModel``: pixels ``(B, H, W, C)`` -> :class:`CLIPVisionOutput`."""
+
+    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config, rngs=rngs, dtype=dtype)
+
+    def __call__(self, pixel_values, output_hidden_states: bool = False) -> CLIPVisionOutput:
+        """pixel_values ``(B, image_size, image_size, num_channels)``, CLIP-normalised, channels-last."""
+        return self.vision_model(pixel_values, output_hidden_states)
+
+
+class CLIPVisionModelWithProjection(nnx.Module):
+    """transformers ``CLIPVisionModelWithProjection``: adds ``visual_projection`` (no bias) of the pooled class
+    token. Stable Video Diffusion conditions its U-Net on ``image_embeds``."""
+
+    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if config.projection_dim is None:
+            raise ConfigError("CLIPVisionModelWithProjection needs projection_dim in its config")
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config, rngs=rngs, dtype=dtype)
+        self.visual_projection = nnx.Linear(config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype,
+                                            param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, pixel_values, output_hidden_states: bool = False) -> CLIPVisionModelOutput:
+        """Shapes as :meth:`CLIPVisionModel.__call__`; ``image_embeds`` is ``(B, projection_dim)``."""
+        out = self.vision_model(pixel_values, output_hidden_states)
+        return CLIPVisionModelOutput(self.visual_projection(out.pooler_output), out.last_hidden_state,
+                                     out.hidden_states)
