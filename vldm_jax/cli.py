@@ -37,12 +37,72 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
+    p = sub.add_parser("animate", help="animate an image with a Stable Video Diffusion checkpoint (image-to-video)")
+    p.add_argument("image", help="input image (.png, .jpg, .webp...)")
+    p.add_argument("--checkpoint", required=True,
+                   help="diffusers SVD pipeline folder, original single-file SVD .safetensors, or hub id "
+                        "(e.g. stabilityai/stable-video-diffusion-img2vid-xt)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints (trusted files only)")
+    p.add_argument("--out", default="video.mp4", help="output video (.gif, .mp4, .webm, .webp)")
+    p.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's, 14 or 25)")
+    p.add_argument("--fps", type=int, default=7, help="frame rate: the model's conditioning and the output's")
+    p.add_argument("--motion", type=int, default=127, help="motion bucket id (more motion when higher)")
+    p.add_argument("--noise-aug", type=float, default=0.02, help="noise added to the input image")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--min-guidance", type=float, default=1.0, help="guidance scale of the first frame")
+    p.add_argument("--max-guidance", type=float, default=3.0, help="guidance scale of the last frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-chunk", type=int, default=8, help="frames decoded at a time (memory vs. consistency)")
+    p.add_argument("--height", type=int, default=None, help="default 576 (1024 for portrait images)")
+    p.add_argument("--width", type=int, default=None, help="default 1024 (576 for portrait images)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute and parameter dtype (bfloat16 to fit SVD-XT on a 24 GB GPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     p = sub.add_parser("convert", help="convert a checkpoint to vldm_jax's own format (loads faster)")
     p.add_argument("src", help="diffusers pipeline folder, single-file .safetensors, or hub id")
     p.add_argument("dst", help="new folder to write")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--temporal", default=None, metavar="FILE",
+                   help="temporal layers (.safetensors written by save_temporal) to insert into SRC's image U-Net: "
+                        "DST's unet/ is then a video U-Net (paper's transfer to any compatible SD fine-tune)")
+
+    p = sub.add_parser("train", help="train (or resume) a Video LDM stage from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--data", default=None,
+                   help="training data: a folder of videos, moving_shapes:N, or a prepared TFDS folder (data.path)")
+    p.add_argument("--workdir", default=None,
+                   help="checkpoints, logs and samples; an existing workdir resumes (default: train.workdir or "
+                        "runs/<config name>)")
+    p.add_argument("--steps", type=int, default=None, help="total training steps (train.steps)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.learning_rate=1e-4 (repeatable)")
+
+    p = sub.add_parser("benchmark", help="time vldm_jax against diffusers/PyTorch on the same weights (scripts/benchmark.py)")
+    p.add_argument("--size", nargs="+", choices=("tiny", "medium", "full"), default=["tiny", "medium"],
+                   help="model sizes (full = SD 1.5 / SVD, meant for accelerators)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up")
+    p.add_argument("--only", nargs="+", default=None, metavar="ITEM", help="run only these items (see the script)")
+    p.add_argument("--out", default="results.json", help="JSON file to write")
     return parser
+
+
+def _cmd_benchmark(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    from vldm_jax.errors import UserError
+
+    # The suite lives in the source tree's scripts/ (it needs torch and diffusers, which the package does not).
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    if not script.exists():
+        raise UserError(f"{script} not found: `vldm benchmark` runs from a source checkout (pip install -e .)")
+    bench = runpy.run_path(str(script), run_name="vldm_benchmark")
+    argv = ["--size", *args.size, "--reps", str(args.reps), "--out", args.out]
+    if args.only:
+        argv += ["--only", *args.only]
+    return bench["main"](argv, prog="vldm benchmark")
 
 
 def _cmd_txt2img(args) -> int:
@@ -66,19 +126,110 @@ def _cmd_txt2img(args) -> int:
     return 0
 
 
+def _cmd_animate(args) -> int:
+    from vldm_jax.errors import UserError
+    from vldm_jax.io.video import VIDEO_SUFFIXES, check_output_path, read_image, write_video
+
+    # Everything a user can get wrong is checked before the (slow) model load.
+    out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
+    for name, value, low in (("--frames", args.frames, 1), ("--steps", args.steps, 1),
+                             ("--decode-chunk", args.decode_chunk, 1), ("--fps", args.fps, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{name} must be at least {low} (got {value})")
+    if args.noise_aug < 0:
+        raise UserError(f"--noise-aug must not be negative (got {args.noise_aug})")
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"{name} must be a positive multiple of 8 (got {value})")
+    image = read_image(args.image)
+    portrait = image.shape[0] > image.shape[1]
+    height = args.height or (1024 if portrait else 576)
+    width = args.width or (576 if portrait else 1024)
+
+    import jax.numpy as jnp
+
+    from vldm_jax.pipelines.image_to_video import ImageToVideoPipeline
+
+    t0 = time.perf_counter()
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    pipe = ImageToVideoPipeline.from_pretrained(args.checkpoint, allow_pickle=args.allow_pickle, dtype=dtype,
+                                                param_dtype=dtype)
+    print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    video = pipe(image, height=height, width=width, num_frames=args.frames, num_inference_steps=args.steps,
+                 min_guidance_scale=args.min_guidance, max_guidance_scale=args.max_guidance, fps=args.fps,
+                 motion_bucket_id=args.motion, noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk,
+                 seed=args.seed, progress=True)
+    write_video(out, video[0], fps=args.fps)
+    print(f"wrote {out} ({video.shape[1]} frames, {width}x{height}) in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_convert(args) -> int:
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
     t0 = time.perf_counter()
+    if args.temporal is not None:
+        from vldm_jax.checkpoints.temporal import read_temporal
+
+        read_temporal(args.temporal)  # a bad file fails before the (slow) pipeline load
     pipe = TextToImagePipeline.from_pretrained(args.src, tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
     t1 = time.perf_counter()
-    pipe.save_pretrained(args.dst)
+    if args.temporal is None:
+        pipe.save_pretrained(args.dst)
+    else:
+        _save_with_temporal(pipe, args.temporal, args.dst)
     print(f"converted {args.src} in {t1 - t0:.1f}s, wrote {args.dst} in {time.perf_counter() - t1:.1f}s",
           file=sys.stderr)
     return 0
 
 
-COMMANDS = {"txt2img": _cmd_txt2img, "convert": _cmd_convert}
+def _save_with_temporal(pipe, temporal_file: str, dst: str) -> None:
+    """Writes ``pipe`` with its U-Net replaced by the video U-Net of its image U-Net + ``temporal_file``."""
+    import json
+    import shutil
+
+    from vldm_jax.checkpoints.store import atomic_folder
+    from vldm_jax.checkpoints.temporal import load_temporal
+
+    pipe.unet = load_temporal(pipe.unet, temporal_file)
+    with atomic_folder(dst) as tmp:
+        inner = tmp / "pipeline"
+        pipe.save_pretrained(inner)
+        index_path = inner / "model_index.json"
+        with open(index_path) as f:
+            index = json.load(f)
+        # Not a text-to-image pipeline any more: its U-Net takes (B, F, h, w, C) videos.
+        index.update({"_class_name": "TextToVideoPipeline", "unet": ["vldm_jax", type(pipe.unet).__name__],
+                      "_vldm_temporal_source": os.path.basename(temporal_file)})
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=1)
+        for child in inner.iterdir():
+            shutil.move(str(child), str(tmp / child.name))
+        inner.rmdir()
+
+
+def _cmd_train(args) -> int:
+    from vldm_jax.train.config import load_config
+    from vldm_jax.train.loop import default_workdir, train
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    config = load_config(args.config, overrides)
+    workdir = args.workdir or config.train.workdir or str(default_workdir(args.config))
+    result = train(config, workdir=workdir)
+    if result.preempted:
+        return 143  # 128 + SIGTERM: the job did not finish; running it again resumes
+    rate = f", {1.0 / result.step_time:.2f} steps/s" if result.step_time else ""
+    print(f"trained to step {result.step} in {workdir}{rate}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"txt2img": _cmd_txt2img, "animate": _cmd_animate, "convert": _cmd_convert, "train": _cmd_train,
+            "benchmark": _cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -475,12 +475,12 @@ class TemporalDecoder(Decoder):
         blocks = list(self.mid_block.resnets) + [r for block in self.up_blocks for r in block.resnets]
         for block in blocks:
             conv = block.temporal_res_block.conv2
-            conv.kernel[...] = jnp.zeros_like(conv.kernel[...])
-            conv.bias[...] = jnp.zeros_like(conv.bias[...])
+            conv.kernel.set_value(jnp.zeros_like(conv.kernel[...]))
+            conv.bias.set_value(jnp.zeros_like(conv.bias[...]))
         kernel = self.time_conv_out.kernel[...]  # (3, 1, 1, C, C), DHWIO
         centre = jnp.eye(kernel.shape[-1], dtype=kernel.dtype)
-        self.time_conv_out.kernel[...] = jnp.zeros_like(kernel).at[kernel.shape[0] // 2, 0, 0].set(centre)
-        self.time_conv_out.bias[...] = jnp.zeros_like(self.time_conv_out.bias[...])
+        self.time_conv_out.kernel.set_value(jnp.zeros_like(kernel).at[kernel.shape[0] // 2, 0, 0].set(centre))
+        self.time_conv_out.bias.set_value(jnp.zeros_like(self.time_conv_out.bias[...]))
 
 
 def is_temporal_path(path: tuple) -> bool:

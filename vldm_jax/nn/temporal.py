@@ -77,8 +77,8 @@ class TemporalResnetBlock(nnx.Module):
         self.norm2 = GroupNorm(groups, out_channels, eps=eps, rngs=rngs)
         self.conv2 = conv3d(out_channels, out_channels, kernel, rngs=rngs, dtype=dtype)
         if zero_init:
-            self.conv2.kernel[...] = jnp.zeros_like(self.conv2.kernel[...])
-            self.conv2.bias[...] = jnp.zeros_like(self.conv2.bias[...])
+            self.conv2.kernel.set_value(jnp.zeros_like(self.conv2.kernel[...]))
+            self.conv2.bias.set_value(jnp.zeros_like(self.conv2.bias[...]))
         self.conv_shortcut = (nnx.Conv(in_channels, out_channels, (1, 1, 1), dtype=dtype, rngs=rngs)
                               if in_channels != out_channels else None)
 
@@ -147,10 +147,13 @@ FRAME_POSITION_ENCODINGS = ("absolute", "relative", "none")
 
 
 def zero_init_layer(layer: nnx.Linear | nnx.Conv) -> None:
-    """Zeroes a layer's kernel and bias: the branch it ends outputs 0, so its residual is the identity."""
-    layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+    """Zeroes a layer's kernel and bias: the branch it ends outputs 0, so its residual is the identity.
+
+    Whole-value ``set_value``, not ``v[...] = x``: under ``nnx.eval_shape`` the indexed form asks a tracer
+    for its sharding, whose error message costs time quadratic in the model size."""
+    layer.kernel.set_value(jnp.zeros_like(layer.kernel[...]))
     if layer.bias is not None:
-        layer.bias[...] = jnp.zeros_like(layer.bias[...])
+        layer.bias.set_value(jnp.zeros_like(layer.bias[...]))
 
 
 class SpatioTemporalResBlock(nnx.Module):
