@@ -3,7 +3,7 @@ holding the NNX state under its own paths, already in NNX layout and 64-byte ali
 
 Loading it skips key mapping and transposes, and on CPU the arrays alias the memory-mapped file
 without a copy: that is what makes ``vldm convert`` worth running once (an orbax checkpoint of the
-same weights restored no faster than converting the diffusers file again, see docs/benchmarks.md;
+same weights restored no faster than converting the diffusers file again, see docs/checkpoints.md;
 orbax stays the format of training checkpoints, which need sharded, async, multi-host saves).
 Every write goes to a temporary sibling folder that is renamed into place at the end, so a killed
 write never leaves a half-written model under the name.
