@@ -1,0 +1,12 @@
+"""Suite-wide settings.
+
+The tests compile many tiny models once each; XLA's backend optimisation at level 0 compiles them
+about 3x faster on CPU and does not change float semantics (no fast-math), so parity tolerances
+hold. Benchmarks (scripts/benchmark.py) run with XLA's defaults. Set before JAX is imported.
+"""
+
+import os
+
+_FLAG = "--xla_backend_optimization_level=0"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
