@@ -227,7 +227,10 @@ class UNetBlock(nnx.Module):
         if not self.remat:
             return fn(self, *args)
         policy = None if self.remat is True else self.remat
-        return nnx.remat(fn, policy=policy)(self, *args)
+        # Plain jax.checkpoint over the split state: nnx.remat cannot re-enter a module that was merged
+        # inside jax.grad (the train step's pattern), it refuses to touch Params of the outer trace.
+        graphdef, state = nnx.split(self)
+        return jax.checkpoint(lambda st, *a: fn(nnx.merge(graphdef, st), *a), policy=policy)(state, *args)
 
     def _run_resnet(self, j, x, temb, extra):
         return self._checkpointed(lambda blk, x, temb: blk._resnet(j, x, temb, **extra), x, temb)

@@ -1,0 +1,604 @@
+"""The training loop: sharded init, the jitted step, orbax checkpoints, logging, preemption and resume.
+
+One run in a workdir::
+
+    workdir/
+      config.yaml          the resolved config of the first run
+      checkpoints/<step>/  orbax: the train state (frozen weights excepted) + meta.json (data position...)
+      metrics.jsonl        one line per step: loss, grad_norm, learning_rate, skipped, rates
+      tb/                  TensorBoard scalars and sample images (tensorboardX)
+      samples/             sample GIFs every train.sample_every steps
+
+Running again with the same workdir restores the latest checkpoint (parameters, optimizer, EMA, step, RNG
+and every process's data iterator position) and continues, so a run stopped by SIGTERM (or killed) and
+resumed produces the same losses as one that never stopped. Checkpoints are written by orbax into a
+temporary folder renamed into place when complete: a save killed half-way never hides the previous one.
+Frozen weights are not saved (they come again from ``model.pretrained`` or the seeded init); a fingerprint
+of them in each checkpoint catches a resume against different weights.
+
+The data iterator protocol (what :func:`train` consumes, implemented by ``vldm_jax.data`` and by
+:class:`ArrayBatches`): ``next(it)`` -> dict of numpy arrays, this process's slice of the batch (leading
+dimension ``batch_size_per_device * local_device_count``); ``it.state()`` -> a JSON-able position;
+``it.restore(state)`` -> continue exactly after the batch whose ``state()`` was saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vldm_jax.errors import CheckpointError, ConfigError, UserError
+from vldm_jax.train import mesh as meshlib
+from vldm_jax.train import state as statelib
+from vldm_jax.train.config import Config, save_config, to_dict
+from vldm_jax.train.objectives import Setup, build_setup
+
+
+class DataIterator(Protocol):
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def state(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...
+
+
+class ArrayBatches:
+    """Batches from in-memory arrays (a precomputed feature cache, or tests): an epoch-seeded shuffle, this
+    process's slice of each global batch. Position = (epoch, batch index), so restore is exact."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 process_index: int = 0, process_count: int = 1):
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        sizes = {v.shape[0] for v in self.arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"arrays disagree on their length: {sizes}")
+        self.n = sizes.pop()
+        self.local = batch_size
+        self.global_size = batch_size * process_count
+        if self.global_size > self.n:
+            raise UserError(f"a global batch of {self.global_size} needs at least that many examples (have {self.n})")
+        self.seed, self.shuffle = seed, shuffle
+        self.process_index = process_index
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        per_epoch = self.n // self.global_size
+        if self.index >= per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        start = self.index * self.global_size + self.process_index * self.local
+        idx = order[start:start + self.local]
+        self.index += 1
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+@dataclasses.dataclass
+class TrainResult:
+    start_step: int
+    step: int
+    preempted: bool
+    resumed: bool
+    metrics: list[dict]
+    step_time: float | None  # mean seconds per step, the first (compiling) step excluded; None if unmeasured
+    workdir: Path
+    state: statelib.TrainState | None = None
+
+
+# ------------------------------------------------------------------------------------------- preemption
+
+class Preemption:
+    """SIGTERM sets a flag the loop checks after every step (single process). With several processes JAX's
+    preemption service sees the signal and all processes agree on the step to stop at."""
+
+    def __init__(self, multi_process: bool):
+        self.multi_process = multi_process
+        self.flag = False
+        self._previous = None
+        if not multi_process and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi_process:
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except Exception:
+                return False
+        return self.flag
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _gather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able ``obj``, in process order (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, lengths)]
+
+
+class Checkpoints:
+    """orbax ``CheckpointManager`` over the flat view of the train state (frozen weights left out)."""
+
+    def __init__(self, directory: Path, *, keep: int, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = directory
+        # The loop decides when to save (every N steps, at the end, on SIGTERM) and always forces the save.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+
+    @staticmethod
+    def saved_view(state: statelib.TrainState) -> dict[str, Any]:
+        return {k: v for k, v in statelib.flatten(state).items() if not k.startswith("frozen.")}
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: statelib.TrainState, meta: dict, *, force: bool = False) -> bool:
+        ocp = self.ocp
+        args = ocp.args.Composite(state=ocp.args.StandardSave(self.saved_view(state)), meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, template: statelib.TrainState) -> tuple[statelib.TrainState, dict]:
+        ocp = self.ocp
+
+        def abstract(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+        target = {k: abstract(v) for k, v in self.saved_view(template).items()}
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore the train state "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                  "the checkpoint does not fit this config") from None
+        flat = statelib.flatten(template)
+        flat.update(restored["state"])
+        return statelib.unflatten_like(template, flat), dict(restored["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+class MetricsLog:
+    """JSONL lines, TensorBoard scalars (tensorboardX when installed) and a tqdm bar; process 0 only."""
+
+    def __init__(self, workdir: Path, *, start_step: int, total: int, tensorboard: bool, progress: bool,
+                 echo: Callable[[str], None]):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not self.enabled:
+            return
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tb"))
+            except ImportError:
+                echo("tensorboardX is not installed: no TensorBoard logs (pip install tensorboardX)")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        # Steps after the checkpoint we resume from were logged by a run that died; they will be logged again.
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        self.path.write_text("".join(l + "\n" for l in keep))
+
+    def write(self, rows: Sequence[dict]) -> None:
+        if not self.enabled or not rows:
+            return
+        for row in rows:
+            self.file.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"train/{k}", v, row["step"])
+        self.file.flush()
+        if self.bar is not None:
+            last = rows[-1]
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+            self.bar.update(last["step"] - self.bar.n)  # the bar's it/s is the training step rate
+
+    def images(self, step: int, videos: np.ndarray) -> None:
+        if self.tb is None:
+            return
+        for i, video in enumerate(videos):
+            strip = np.concatenate(list(video), axis=1)  # frames side by side: (H, F*W, 3)
+            self.tb.add_image(f"samples/{i}", strip, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+def _frozen_fingerprint(frozen) -> list[float]:
+    leaves = jax.tree.leaves(frozen)
+    if not leaves:
+        return [0.0, 0.0]
+    fn = jax.jit(lambda xs: (sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs),
+                             sum(jnp.sum(x.astype(jnp.float32)) for x in xs)))
+    a, b = fn(leaves)
+    return [float(a), float(b)]
+
+
+def _check_fingerprint(saved, now, where: str) -> None:
+    if saved is None:
+        return
+    for s, n in zip(saved, now):
+        if not math.isclose(s, n, rel_tol=1e-4, abs_tol=1e-3):
+            raise CheckpointError(f"{where}: the frozen weights differ from those this run was trained with "
+                                  "(model.pretrained or the model config changed); use a new workdir")
+
+
+def init_state(setup: Setup, config: Config, mesh, tx, filter_fn):
+    """``(graphdef, state, shardings)``: the sharded train state, built without gathering any array."""
+    rules = [tuple(r) for r in config.mesh.rules]
+    ema = config.optim.ema_decay > 0
+    seed = config.train.seed
+
+    def split(model):
+        return statelib.split_model(model, filter_fn)
+
+    if setup.traceable:
+        graphdef, _, _ = split(nnx.eval_shape(setup.init_models))
+
+        def init_fn():
+            _, trainable, frozen = split(setup.init_models())
+            return statelib.new_train_state(trainable, frozen, tx, seed=seed, ema=ema)
+
+        abstract = jax.eval_shape(init_fn)
+        shardings = meshlib.tree_shardings(abstract, mesh, rules, config.mesh.min_shard_size)
+        state = jax.jit(init_fn, out_shardings=shardings)()
+    else:
+        graphdef, trainable, frozen = split(setup.init_models())
+
+        def init_fn(trainable, frozen):
+            return statelib.new_train_state(trainable, frozen, tx, seed=seed, ema=ema)
+
+        abstract = jax.eval_shape(init_fn, trainable, frozen)
+        shardings = meshlib.tree_shardings(abstract, mesh, rules, config.mesh.min_shard_size)
+        trainable = jax.device_put(trainable, shardings.trainable)
+        frozen = jax.device_put(frozen, shardings.frozen)
+        state = jax.jit(init_fn, out_shardings=shardings)(trainable, frozen)
+    n_train = sum(x.size for x in jax.tree.leaves(state.trainable))
+    if n_train == 0:
+        raise ConfigError(f"model.trainable={config.model.trainable!r} selects no parameter of "
+                          f"{getattr(setup.objective, 'trained_module', 'the model')}")
+    return graphdef, state, shardings
+
+
+def compile_step(graphdef, setup: Setup, config: Config, tx, schedule, mesh, shardings):
+    step = statelib.make_train_step(graphdef, setup.objective.loss, tx, schedule, config.optim.ema_decay)
+    return jax.jit(step, in_shardings=(shardings, meshlib.batch_sharding(mesh)),
+                   out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=(0,))
+
+
+def _sample_fn(graphdef, objective, mesh, shardings, use_ema: bool):
+    def run(state, batch, key):
+        params = state.ema if use_ema else state.trainable
+        model = nnx.merge(graphdef, params, state.frozen)
+        return objective.sample(model, batch, key)
+
+    return jax.jit(run, in_shardings=(shardings, meshlib.batch_sharding(mesh), None),
+                   out_shardings=meshlib.replicated(mesh))
+
+
+def _to_row(step: int, metrics: dict, **extra) -> dict:
+    row = {"step": step}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        row[k] = bool(v) if v.dtype == bool else (int(v) if v.dtype.kind in "iu" else float(v))
+    row.update(extra)
+    return row
+
+
+def default_workdir(config_path: str | os.PathLike | None) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("runs") / stem
+
+
+def train(config: Config, *, setup: Setup | None = None, data: DataIterator | None = None,
+          workdir: str | os.PathLike | None = None, mesh=None,
+          hooks: Sequence[Callable[[int, statelib.TrainState], None]] = (),
+          echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Runs (or resumes) ``config.train.steps`` training steps in ``workdir``.
+
+    ``setup``: objective + models (default: built from ``config.model`` / ``config.objective``). ``data``: the
+    iterator (default: ``config.data`` through :mod:`vldm_jax.data`). ``hooks(step, state)`` run after every step
+    (after its checkpoint was issued). ``echo``: where one-line notices go (process 0; default stderr).
+
+    Multi-process runs start ``jax.distributed`` here (``config.mesh``); a caller that builds ``setup`` or ``data``
+    itself must call :func:`vldm_jax.train.mesh.initialize_distributed` first, before anything touches a device.
+    """
+    if config.train.threefry_partitionable is not None:
+        # A process-wide switch (it changes every random stream), set before anything is traced.
+        jax.config.update("jax_threefry_partitionable", bool(config.train.threefry_partitionable))
+    multi = meshlib.initialize_distributed(config.mesh.distributed, config.mesh.coordinator_address,
+                                           config.mesh.num_processes, config.mesh.process_id)
+    primary = jax.process_index() == 0
+
+    def say(msg: str) -> None:
+        if primary:
+            (echo or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+
+    workdir = Path(workdir or config.train.workdir or "runs/train")
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+    if config.train.compilation_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str((workdir / "cache" / "jax").absolute()))
+    t_start = time.perf_counter()
+    mesh = mesh or meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if data is None:  # first: a bad data path fails before minutes of model set-up
+        data = make_data_iterator(config, mesh, workdir, echo=say)
+    if setup is None:
+        setup = build_setup(config)
+    tx, schedule = statelib.make_optimizer(config.optim, config.train.steps)
+    filter_fn = getattr(setup.objective, "trainable_filter", None) or statelib.trainable_filter(
+        config.model.trainable, setup.objective.trained_module)
+    graphdef, state, shardings = init_state(setup, config, mesh, tx, filter_fn)
+    fingerprint = _frozen_fingerprint(state.frozen)
+
+    ckpt = Checkpoints(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                       async_save=config.train.async_checkpoints)
+
+    start = 0
+    latest = ckpt.latest_step()
+    resumed = latest is not None
+    if resumed:
+        state, meta = ckpt.restore(latest, state)
+        _check_fingerprint(meta.get("frozen_fingerprint"), fingerprint, str(workdir))
+        start = int(state.step)
+        data_states = meta.get("data") or {}
+        mine = data_states.get(str(jax.process_index()))
+        if mine is not None and int(meta.get("process_count", 1)) == jax.process_count():
+            data.restore(mine)
+        else:
+            say("the checkpoint's data position is for another process count: the data iterator starts afresh")
+        say(f"resuming from step {start} in {workdir}")
+    elif primary:
+        save_config(config, workdir / "config.yaml")
+    n_train = sum(x.size for x in jax.tree.leaves(state.trainable))
+    n_all = n_train + sum(x.size for x in jax.tree.leaves(state.frozen))
+    say(f"training {n_train:,} of {n_all:,} parameters on {mesh.devices.size} device(s) "
+        f"(mesh data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}); global batch "
+        f"{meshlib.global_batch_size(config.data.batch_size_per_device, mesh)}; "
+        f"set up in {time.perf_counter() - t_start:.1f}s")
+
+    step_fn = compile_step(graphdef, setup, config, tx, schedule, mesh, shardings)
+    sample_every = config.train.sample_every
+    sampler = None
+    log = MetricsLog(workdir, start_step=start, total=config.train.steps, tensorboard=config.train.tensorboard,
+                     progress=config.train.progress, echo=say)
+    preemption = Preemption(multi)
+    global_bs = meshlib.global_batch_size(config.data.batch_size_per_device, mesh)
+
+    pending: list[tuple[int, dict]] = []
+    rows: list[dict] = []
+    window_start, window_steps = time.perf_counter(), 0
+    step_times: list[float] = []
+    step = start
+    preempted = False
+    saved_step = latest
+
+    def flush() -> None:
+        nonlocal window_start, window_steps
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        elapsed = time.perf_counter() - window_start
+        rate = window_steps / elapsed if window_steps > 0 and elapsed > 0 else None
+        if rate:
+            step_times.extend([1.0 / rate] * window_steps)
+        extra = {"steps_per_sec": rate, "samples_per_sec": rate * global_bs} if rate else {}
+        new = [_to_row(s, m, **extra) for (s, _), m in zip(pending, fetched)]
+        rows.extend(new)
+        log.write(new)
+        pending.clear()
+        window_start, window_steps = time.perf_counter(), 0
+
+    def meta_for(step_: int, data_state) -> dict:
+        return {"step": step_, "data": {str(i): s for i, s in enumerate(_gather_json(data_state))},
+                "process_count": jax.process_count(), "frozen_fingerprint": fingerprint,
+                "config": to_dict(config), "time": time.time()}
+
+    try:
+        while step < config.train.steps:
+            host = setup.objective.host_batch(next(data))
+            data_state = data.state()
+            batch = meshlib.global_batch(host, mesh)
+            if step == start:
+                t_first = time.perf_counter()
+                state, metrics = step_fn(state, batch)
+                jax.block_until_ready(metrics)
+                say(f"compiled and ran the first step in {time.perf_counter() - t_first:.1f}s")
+                window_start, window_steps = time.perf_counter(), -1
+            else:
+                state, metrics = step_fn(state, batch)
+            step += 1
+            window_steps += 1
+            pending.append((step, metrics))
+            if step % config.train.log_every == 0:
+                flush()
+            if sample_every and step % sample_every == 0 and hasattr(setup.objective, "sample"):
+                flush()
+                if sampler is None:
+                    sampler = _sample_fn(graphdef, setup.objective, mesh, shardings, state.ema is not None)
+                _write_samples(sampler, state, batch, step, workdir, log, config.train.seed)
+                window_start = time.perf_counter()
+            if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                flush()
+                ckpt.save(step, state, meta_for(step, data_state), force=True)
+                saved_step = step
+            for hook in hooks:
+                hook(step, state)
+            if preemption.reached(step):
+                flush()
+                if saved_step != step:
+                    ckpt.save(step, state, meta_for(step, data_state), force=True)
+                    saved_step = step
+                preempted = True
+                break
+        flush()
+        ckpt.wait()
+    finally:
+        preemption.close()
+        log.close()
+        ckpt.close()
+    if preempted:
+        say(f"stopped by SIGTERM at step {step}; checkpoint saved; run the same command again to resume")
+    elif step > start:
+        _export_temporal(graphdef, state, workdir, say)
+    step_time = float(np.mean(step_times)) if step_times else None
+    return TrainResult(start_step=start, step=step, preempted=preempted, resumed=resumed, metrics=rows,
+                       step_time=step_time, workdir=workdir, state=state)
+
+
+def _export_temporal(graphdef, state: statelib.TrainState, workdir: Path, say) -> None:
+    """Writes the trained temporal layers (EMA when kept) as ``workdir/temporal.safetensors``: with any compatible
+    image model they make a video model (``vldm convert SRC DST --temporal FILE``)."""
+    from vldm_jax.models.unet import VideoUNet
+
+    if jax.process_count() > 1 or not all(x.is_fully_addressable for x in jax.tree.leaves(state.trainable)):
+        return  # a multi-host run's arrays are spread over hosts; its checkpoints hold them
+    if jax.process_index() != 0:
+        return
+    params = state.ema if state.ema is not None else state.trainable
+    models = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen))
+    unet = getattr(models, "unet", None)
+    if not isinstance(unet, VideoUNet):
+        return
+    from vldm_jax.checkpoints.temporal import save_temporal
+
+    path = save_temporal(unet, workdir / "temporal.safetensors", overwrite=True)
+    say(f"wrote the {'EMA ' if state.ema is not None else ''}temporal layers to {path}")
+
+
+def _write_samples(sampler, state, batch, step: int, workdir: Path, log: MetricsLog, seed: int) -> None:
+    from vldm_jax.io.video import write_video
+
+    key = jax.random.fold_in(jax.random.key(seed + 1), step)
+    videos = sampler(state, batch, key)
+    if videos is None:
+        return
+    videos = np.asarray(jax.device_get(videos))[:4]
+    if jax.process_index() != 0:
+        return
+    folder = workdir / "samples"
+    folder.mkdir(exist_ok=True)
+    for i, video in enumerate(videos):
+        write_video(folder / f"step_{step:07d}_{i}.gif", video, fps=4)
+    log.images(step, videos)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def make_data_iterator(config: Config, mesh, workdir: Path, echo: Callable[[str], None] = print) -> DataIterator:
+    """``config.data`` through :mod:`vldm_jax.data`: the dataset is built once under ``workdir/cache/tfds``
+    (process 0 first; the others then open the same build), and this process reads its own slice."""
+    d = config.data
+    if not d.path:
+        raise ConfigError("no training data: pass --data (a folder of videos, moving_shapes:N, or a prepared "
+                          "TFDS dataset folder) or set data.path")
+    from vldm_jax.data import DataIterator as TFDSIterator, default_data_dir, prepare_dataset
+
+    resolution = (d.height, d.width)
+
+    def prepare():
+        return prepare_dataset(d.path, default_data_dir(workdir), num_frames=d.num_frames, resolution=resolution,
+                               frame_stride=d.frame_stride, fps=d.fps, clips_per_video=d.clips_per_video,
+                               num_examples=d.num_examples, seed=d.seed)
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        builder = prepare() if jax.process_index() == 0 else None
+        multihost_utils.sync_global_devices("vldm_jax data prepared")
+        if builder is None:
+            builder = prepare()
+    else:
+        builder = prepare()
+    for item in getattr(builder, "skipped", None) or []:
+        echo(f"skipped {item.get('file')}: {item.get('reason')}")
+    local = meshlib.local_batch_size(d.batch_size_per_device, mesh)
+    try:
+        return TFDSIterator(builder, batch_size=local, seed=d.seed, shuffle=d.shuffle,
+                            shuffle_buffer=d.shuffle_buffer, num_frames=d.num_frames, resolution=resolution)
+    except UserError as e:
+        if "batch size" not in str(e):
+            raise
+        raise UserError(f"{str(e).splitlines()[0]}: this process feeds {local // d.batch_size_per_device} device(s) "
+                        f"x data.batch_size_per_device={d.batch_size_per_device}; lower data.batch_size_per_device "
+                        "or add videos") from None
