@@ -123,3 +123,19 @@ def test_seed_is_reproducible_and_sizes_are_checked(ours):
         ours("a cat", height=33, width=32)
     with pytest.raises(vl.UserError, match="scheduler"):
         ours("a cat", scheduler="plms")
+
+
+def test_cli_txt2img_writes_the_image(folders, variant, tmp_path):
+    import subprocess
+    import sys
+
+    from vldm_jax.io.video import read_image
+
+    out = tmp_path / "cat.png"
+    proc = subprocess.run([sys.executable, "-m", "vldm_jax.cli", "txt2img", "a photo of a cat", "--checkpoint",
+                           str(folders["folder"]), "--steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    image = read_image(out)
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # no temporary files left behind

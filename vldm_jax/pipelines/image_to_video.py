@@ -36,6 +36,7 @@ from vldm_jax.diffusion.guidance import classifier_free_guidance, per_frame_scal
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
+from vldm_jax.pipelines.progress import advance, denoising_bar
 
 # OpenAI CLIP's normalisation (SVD's feature_extractor/preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,13 +45,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _PARTS = ("unet", "vae", "image_encoder")
 _WEIGHT_NAMES = ("config.json", "diffusion_pytorch_model.safetensors", "model.safetensors",
                  "*.safetensors.index.json", "*-of-*.safetensors")
-
-_PROGRESS_BAR: list = [None]
-
-
-def _advance_progress(_step) -> None:
-    if _PROGRESS_BAR[0] is not None:
-        _PROGRESS_BAR[0].update(1)
 
 
 def hub_patterns(variant: str | None = None) -> list[str]:
@@ -221,7 +215,7 @@ def _generate(unet_graph, unet_state, vae_graph, vae_state, sampler, noise, imag
         return model_fn(x, t, cond)
 
     # The step callback is always compiled in (a no-op without a bar), so a progress bar costs no recompilation.
-    latents = sample(denoise, sampler, noise, progress=_advance_progress)
+    latents = sample(denoise, sampler, noise, progress=advance)
     video = vae.decode(latents / scaling_factor, decode_chunk_size=decode_chunk_size)
     return jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -368,16 +362,8 @@ class ImageToVideoPipeline:
         # As diffusers: chunks run over the B*F frames flattened (the temporal decoder's decode does the same).
         chunk = None if decode_chunk_size is None else int(decode_chunk_size)
 
-        if progress:
-            from tqdm.auto import tqdm
-            _PROGRESS_BAR[0] = tqdm(total=num_inference_steps, desc="denoising")
-        try:
+        with denoising_bar(num_inference_steps, progress):
             video = _generate(self._unet_graph, self._unet_state, self._vae_graph, self._vae_state, sampler, noise,
                               image_embeds, image_latents, added_time_ids, scales,
                               jnp.float32(self.vae.config.scaling_factor), guided=guided, decode_chunk_size=chunk)
-            video = np.asarray(video, dtype=np.float32)
-        finally:
-            if _PROGRESS_BAR[0] is not None:
-                _PROGRESS_BAR[0].close()
-                _PROGRESS_BAR[0] = None
-        return video
+            return np.asarray(video, dtype=np.float32)

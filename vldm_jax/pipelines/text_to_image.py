@@ -25,17 +25,9 @@ from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
 from vldm_jax.models.tokenizer import load_tokenizer, tokenize
+from vldm_jax.pipelines.progress import advance, denoising_bar
 
 SCHEDULERS = SAMPLER_NAMES
-
-# The compiled loop calls one fixed host function (so progress does not force a recompile); it
-# advances whichever bar the current call installed.
-_PROGRESS_BAR: list = [None]
-
-
-def _advance_progress(_step) -> None:
-    if _PROGRESS_BAR[0] is not None:
-        _PROGRESS_BAR[0].update(1)
 
 # Only what the pipeline reads: no fp16/EMA variants, no root-level single files, no safety checker, no pickles.
 HUB_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*"] + [
@@ -67,7 +59,7 @@ def _generate(unet_graph, unet_state, vae_graph, vae_state, sampler, context, un
                                             guidance_scale)
         return unet(x, t, context)
 
-    latents = sample(denoise, sampler, noise, key=key, progress=_advance_progress if progress else None)
+    latents = sample(denoise, sampler, noise, key=key, progress=advance if progress else None)
     images = vae.decode(latents / scaling_factor)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
@@ -202,16 +194,8 @@ class TextToImagePipeline:
             uncontext = context
         options = {"eta": eta} if scheduler == "ddim" else {}
         sampler = make_sampler(scheduler, self.scheduler_config, num_inference_steps, **options)
-        if progress:
-            from tqdm.auto import tqdm
-            _PROGRESS_BAR[0] = tqdm(total=num_inference_steps, desc="denoising")
-        try:
+        with denoising_bar(num_inference_steps, progress):
             images = _generate(self._unet_graph, self._unet_state, self._vae_graph, self._vae_state, sampler, context,
-                           uncontext, noise, jnp.float32(guidance_scale), sample_key,
-                           jnp.float32(self.vae.config.scaling_factor), guided=guided, progress=progress)
-            images = np.asarray(images, dtype=np.float32)
-        finally:
-            if _PROGRESS_BAR[0] is not None:
-                _PROGRESS_BAR[0].close()
-                _PROGRESS_BAR[0] = None
-        return images
+                               uncontext, noise, jnp.float32(guidance_scale), sample_key,
+                               jnp.float32(self.vae.config.scaling_factor), guided=guided, progress=progress)
+            return np.asarray(images, dtype=np.float32)
