@@ -87,6 +87,18 @@ class SingleFileComponents:
 
 # ------------------------------------------------------------------------------------------- key tables
 
+def time_stack_rename(block: str, *, with_embedding: bool) -> RenameTable:
+    """Stability's temporal residual block (``<block>.time_stack.{in,out}_layers``) -> diffusers'
+    ``<block>.temporal_res_block``. ``block`` is a regex with one group for the block's path; the U-Net's
+    blocks carry a timestep projection (``emb_layers``), the temporal VAE decoder's do not."""
+    rows = [("in_layers\\.0", "norm1"), ("in_layers\\.2", "conv1"), ("out_layers\\.0", "norm2"),
+            ("out_layers\\.3", "conv2")]
+    if with_embedding:
+        rows.insert(2, ("emb_layers\\.1", "time_emb_proj"))
+    return tuple((block + r"time_stack\." + src + r"\.(weight|bias)", r"\1.temporal_res_block." + dst + r".\2")
+                 for src, dst in rows)
+
+
 # U-Net resnet internals (CompVis ``ResBlock`` Sequential indices -> diffusers ``ResnetBlock2D``), applied after
 # the structural table has placed the key under ``...resnets.N.``. Transformer blocks share their names.
 UNET_RESNET_RENAME: RenameTable = (

@@ -46,7 +46,7 @@ import numpy as np
 
 from vldm_jax.checkpoints.convert import RenameTable
 from vldm_jax.checkpoints.single_file import (_indices, _rename_strict, _shape, _split_qkv, _unet_layout,
-                                              read_original_checkpoint, unet_rename_table)
+                                              read_original_checkpoint, time_stack_rename, unet_rename_table)
 from vldm_jax.errors import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -85,11 +85,7 @@ _ATT = r"(.+\.attentions\.\d+)\."
 
 # Applied after the block table has placed a key under ``...resnets.N.`` / ``...attentions.N.``.
 SVD_UNET_INNER_RENAME: RenameTable = (
-    (_RES + r"time_stack\.in_layers\.0\.(weight|bias)", r"\1.temporal_res_block.norm1.\2"),
-    (_RES + r"time_stack\.in_layers\.2\.(weight|bias)", r"\1.temporal_res_block.conv1.\2"),
-    (_RES + r"time_stack\.emb_layers\.1\.(weight|bias)", r"\1.temporal_res_block.time_emb_proj.\2"),
-    (_RES + r"time_stack\.out_layers\.0\.(weight|bias)", r"\1.temporal_res_block.norm2.\2"),
-    (_RES + r"time_stack\.out_layers\.3\.(weight|bias)", r"\1.temporal_res_block.conv2.\2"),
+    *time_stack_rename(_RES, with_embedding=True),
     (_RES + r"time_mixer\.mix_factor", r"\1.time_mixer.mix_factor"),
     (_RES + r"in_layers\.0\.(weight|bias)", r"\1.spatial_res_block.norm1.\2"),
     (_RES + r"in_layers\.2\.(weight|bias)", r"\1.spatial_res_block.conv1.\2"),

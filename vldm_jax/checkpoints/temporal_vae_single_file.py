@@ -27,7 +27,7 @@ import numpy as np
 
 from vldm_jax.checkpoints.convert import RenameTable
 from vldm_jax.checkpoints.single_file import (VAE_RESNET_RENAME, VAE_SCALING_FACTOR, _indices, _rename_strict,
-                                              _shape, vae_rename_table)
+                                              _shape, time_stack_rename, vae_rename_table)
 from vldm_jax.errors import CheckpointError
 
 SVD_DECODER_PREFIX = "first_stage_model."
@@ -38,10 +38,7 @@ _DECODER_RESNET = r"(decoder\.(?:up_blocks\.\d+|mid_block)\.resnets\.\d+)\."
 
 # Applied after the level table: the decoder's residual blocks split into their spatial and temporal halves.
 TEMPORAL_RESNET_RENAME: RenameTable = (
-    (_DECODER_RESNET + r"time_stack\.in_layers\.0\.(weight|bias)", r"\1.temporal_res_block.norm1.\2"),
-    (_DECODER_RESNET + r"time_stack\.in_layers\.2\.(weight|bias)", r"\1.temporal_res_block.conv1.\2"),
-    (_DECODER_RESNET + r"time_stack\.out_layers\.0\.(weight|bias)", r"\1.temporal_res_block.norm2.\2"),
-    (_DECODER_RESNET + r"time_stack\.out_layers\.3\.(weight|bias)", r"\1.temporal_res_block.conv2.\2"),
+    *time_stack_rename(_DECODER_RESNET, with_embedding=False),
     (_DECODER_RESNET + r"mix_factor", r"\1.time_mixer.mix_factor"),
     (_DECODER_RESNET + r"nin_shortcut\.(weight|bias)", r"\1.spatial_res_block.conv_shortcut.\2"),
     (_DECODER_RESNET + r"(norm1|norm2|conv1|conv2)\.(weight|bias)", r"\1.spatial_res_block.\2.\3"),
