@@ -177,8 +177,7 @@ def test_chunked_decode_memory_does_not_grow_with_frames(model):
     for f in (16, 64):
         z = jax.ShapeDtypeStruct((1, f, 8, 8, 4), jnp.float32)
         ma = fn.lower(s, z).compile().memory_analysis()
-        if ma is None:
-            pytest.skip("this backend reports no memory analysis")
+        assert ma is not None, "XLA reported no memory analysis for the chunked decode"
         stats[f] = (ma.temp_size_in_bytes, ma.output_size_in_bytes)
     print(f"chunk 8: temp bytes 16 frames {stats[16][0]}, 64 frames {stats[64][0]}; "
           f"output bytes {stats[16][1]} / {stats[64][1]}")

@@ -36,7 +36,7 @@ from vldm_jax.diffusion.guidance import classifier_free_guidance, per_frame_scal
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
-from vldm_jax.pipelines.progress import advance, denoising_bar
+from vldm_jax.pipelines.common import advance, denoising_bar, initial_noise
 
 # OpenAI CLIP's normalisation (SVD's feature_extractor/preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -346,12 +346,7 @@ class ImageToVideoPipeline:
                                   f"U-Net for this VAE takes {expected_in} (noise + image latents)")
 
         noise_key, aug_key = jax.random.split(jax.random.key(seed))
-        if latents is None:
-            noise = jax.random.normal(noise_key, shape, jnp.float32)
-        else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != shape:
-                raise UserError(f"latents must have shape {shape} (got {tuple(noise.shape)})")
+        noise = initial_noise(latents, shape, noise_key)
 
         guided = max(min_guidance_scale, max_guidance_scale) > 1.0
         image_embeds = self.encode_image([np.asarray(img) for img in images])

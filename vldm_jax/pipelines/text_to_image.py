@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +24,7 @@ from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
 from vldm_jax.models.tokenizer import load_tokenizer, tokenize
-from vldm_jax.pipelines.progress import advance, denoising_bar
+from vldm_jax.pipelines.common import advance, denoising_bar, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
 
@@ -176,12 +175,7 @@ class TextToImagePipeline:
         shape = (b, height // f, width // f, self.unet.config.in_channels)
         key = jax.random.key(seed)
         noise_key, sample_key = jax.random.split(key)
-        if latents is None:
-            noise = jax.random.normal(noise_key, shape, jnp.float32)
-        else:
-            noise = jnp.asarray(latents, jnp.float32)
-            if noise.shape != shape:
-                raise UserError(f"latents must have shape {shape} (got {tuple(noise.shape)})")
+        noise = initial_noise(latents, shape, noise_key)
         guided = guidance_scale > 1.0
         context = self.encode_prompt(prompts)
         if guided:

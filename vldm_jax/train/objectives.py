@@ -301,7 +301,6 @@ def build_setup(config) -> Setup:
     keep_vae = o.encode_in_step or config.train.sample_every > 0
 
     if m.pretrained:
-        from vldm_jax.models.tokenizer import tokenize
         from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
         pipe = TextToImagePipeline.from_pretrained(m.pretrained, dtype=dtype)
