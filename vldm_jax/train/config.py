@@ -76,6 +76,9 @@ class ObjectiveConfig:
     """The loss. ``name`` picks one of vldm_jax.train.objectives.OBJECTIVES."""
 
     name: str = "temporal"
+    # Options of objectives built by their own module (objectives.SETUP_BUILDERS: vae, image, prediction,
+    # interpolation, upsampler); each documents and validates its keys.
+    options: dict = dataclasses.field(default_factory=dict)
     # Override of the scheduler's prediction_type (epsilon, v_prediction, sample); null keeps the model's.
     prediction_type: str | None = None
     # Probability that a training video is treated as independent images (image_only_indicator = 1).

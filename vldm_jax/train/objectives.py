@@ -255,6 +255,16 @@ def make_temporal_objective(objective_cfg, scheduler_config: Mapping[str, Any], 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {"temporal": make_temporal_objective}
 
+# Objectives whose whole setup (models and loss) lives in its own module: name -> "module:function", imported
+# only when chosen. Each function takes the Config and returns a Setup.
+SETUP_BUILDERS: dict[str, str] = {
+    "vae": "vldm_jax.train.image_objectives:build_vae_setup",
+    "image": "vldm_jax.train.image_objectives:build_image_setup",
+    "prediction": "vldm_jax.train.context_objectives:build_prediction_setup",
+    "interpolation": "vldm_jax.train.context_objectives:build_interpolation_setup",
+    "upsampler": "vldm_jax.train.upsampler_objective:build_upsampler_setup",
+}
+
 
 @dataclasses.dataclass
 class Setup:
@@ -293,8 +303,13 @@ def build_setup(config) -> Setup:
     from vldm_jax.train.state import compute_dtype
 
     m, o = config.model, config.objective
+    if o.name in SETUP_BUILDERS:
+        import importlib
+
+        module, function = SETUP_BUILDERS[o.name].split(":")
+        return getattr(importlib.import_module(module), function)(config)
     if o.name not in OBJECTIVES:
-        raise ConfigError(f"objective.name {o.name!r} is not one of {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"objective.name {o.name!r} is not one of {', '.join([*OBJECTIVES, *SETUP_BUILDERS])}")
     dtype = compute_dtype(m.dtype)
     seed = config.train.seed
     temporal = _temporal_config(m.temporal)
