@@ -185,7 +185,7 @@ def test_misshaped_key_is_named(sd1):
         _build(sd1, sd)
 
 
-@pytest.mark.parametrize("bad", [dict(class_embed_type="timestep"), dict(only_cross_attention=True),
+@pytest.mark.parametrize("bad", [dict(class_embed_type="timestep"), dict(dual_cross_attention=True),
                                  dict(down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")),
                                  dict(addition_embed_type="text_time")])
 def test_unsupported_config_raises(bad):

@@ -54,7 +54,11 @@ class UNet2DConditionConfig:
     ``[5, 10, 20, 20]``) and the head width is ``channels // heads``. Fields that only select
     architecture variants we do not implement must keep their default; other values raise ConfigError.
     ``dropout``, ``resnet_skip_time_act`` and ``resnet_out_scale_factor`` do not change these block
-    types' inference (diffusers ignores the latter two for them too).
+    types' inference (diffusers ignores the latter two for them too), nor does
+    ``mid_block_only_cross_attention`` (``UNetMidBlock2DCrossAttn`` ignores it in diffusers).
+    ``num_class_embeds`` (with ``class_embed_type`` null) adds the embedding table ``class_embedding`` of
+    ``class_labels`` to the timestep embedding (the SD x4 upscaler's noise level); ``only_cross_attention``
+    (per block) makes the spatial transformers' ``attn1`` attend to the context (the x4 upscaler).
     """
 
     sample_size: IntOrTuple | None = None
@@ -133,9 +137,6 @@ class UNet2DConditionConfig:
         if self.mid_block_type not in self.supported_mid_blocks:
             names = ", ".join(str(m) for m in self.supported_mid_blocks if m) + " or null"
             bad(f"unsupported mid block type {self.mid_block_type!r} (supported: {names})")
-        only = self.only_cross_attention
-        if any(only if isinstance(only, tuple) else (only,)) or self.mid_block_only_cross_attention:
-            bad("only_cross_attention=true is not supported")
         if (isinstance(self.transformer_layers_per_block, tuple)
                 and any(isinstance(v, tuple) for v in self.transformer_layers_per_block)
                 and self.reverse_transformer_layers_per_block is None):
@@ -151,7 +152,6 @@ class UNet2DConditionConfig:
         unsupported = {
             "dual_cross_attention": (self.dual_cross_attention, False),
             "class_embed_type": (self.class_embed_type, None),
-            "num_class_embeds": (self.num_class_embeds, None),
             "addition_embed_type": (self.addition_embed_type, None),
             "encoder_hid_dim": (self.encoder_hid_dim, None),
             "encoder_hid_dim_type": (self.encoder_hid_dim_type, None),
@@ -432,6 +432,19 @@ class UNet2DConditionModel(nnx.Module):
                 in_ch, prev_ch, out_ch, num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, **common, **kw))
         self.up_blocks = nnx.List(up)
 
+        # diffusers' per-block only_cross_attention: set on the built transformer blocks, so block subclasses
+        # (the video U-Net's) need no extra factory argument. Up blocks take the reversed flags.
+        only = c.per_block("only_cross_attention")
+        for blocks, flags, dims in ((self.down_blocks, only, cross_dims), (self.up_blocks, only[::-1], rev_cross)):
+            for block, flag, dim in zip(blocks, flags, dims):
+                if flag:
+                    for attention in getattr(block, "attentions", None) or ():
+                        for tb in attention.transformer_blocks:
+                            tb.set_only_cross_attention(dim, rngs=rngs, dtype=dtype)
+        # class_embed_type null + num_class_embeds: a table indexed by class_labels (B,) -> (B, time_embed_dim).
+        self.class_embedding = (nnx.Embed(c.num_class_embeds, temb, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                                if c.num_class_embeds is not None else None)
+
         self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps, rngs=rngs)
         self.conv_out = conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2,
                                rngs=rngs, dtype=dtype)
@@ -453,11 +466,12 @@ class UNet2DConditionModel(nnx.Module):
                                  downscale_freq_shift=self.config.freq_shift)
         return self.time_embedding(emb.astype(self.dtype))
 
-    def __call__(self, sample, timestep, encoder_hidden_states, *, added_cond_kwargs=None, return_skips=False,
-                 **extra):
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, *, added_cond_kwargs=None,
+                 return_skips=False, **extra):
         """sample: ``(B, H, W, in_channels)``; timestep: scalar or ``(B,)``; encoder_hidden_states:
-        ``(B, S, cross_attention_dim)``. Returns ``(B, H, W, out_channels)`` in the compute dtype, and with
-        ``return_skips`` also the tuple of down-path skip activations (``conv_in`` output first).
+        ``(B, S, cross_attention_dim)``; class_labels: ``(B,)`` ints (or a scalar) for a config with
+        ``num_class_embeds`` (the x4 upscaler's noise level). Returns ``(B, H, W, out_channels)`` in the compute
+        dtype, and with ``return_skips`` also the tuple of down-path skip activations (``conv_in`` output first).
 
         ``added_cond_kwargs`` is accepted for diffusers call compatibility; no supported config uses it.
         ``extra`` keyword arguments go to every block's layer hooks (used by the video U-Net).
@@ -465,6 +479,13 @@ class UNet2DConditionModel(nnx.Module):
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
         emb = self.time_embed(timestep, x.shape[0])
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise UserError("this U-Net is conditioned on class_labels (B,) (num_class_embeds is set)")
+            labels = jnp.broadcast_to(jnp.asarray(class_labels).astype(jnp.int32).reshape(-1), (x.shape[0],))
+            emb = emb + self.class_embedding(labels).astype(emb.dtype)
+        elif class_labels is not None:
+            raise UserError("class_labels given to a U-Net without num_class_embeds")
         return self.forward_embedded(x, emb, context, return_skips=return_skips, **extra)
 
     def forward_embedded(self, x, emb, context, *, return_skips=False, **extra):

@@ -136,16 +136,20 @@ class FeedForward(nnx.Module):
 
 class BasicTransformerBlock(nnx.Module):
     """Pre-LayerNorm transformer block: self-attention, cross-attention (when ``cross_attention_dim``
-    is given), feed-forward, each with a residual connection. ``(B, T, dim)`` -> ``(B, T, dim)``."""
+    is given), feed-forward, each with a residual connection. ``(B, T, dim)`` -> ``(B, T, dim)``.
+
+    ``only_cross_attention`` (diffusers' flag, used by the SD x4 upscaler): ``attn1`` attends to the
+    context instead of the tokens themselves (its keys/values project from ``cross_attention_dim``)."""
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *,
                  cross_attention_dim: int | None = None, activation_fn: str = "geglu",
                  attention_bias: bool = False, upcast_attention: bool = False, norm_eps: float = 1e-5,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 only_cross_attention: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
         attn = dict(heads=num_attention_heads, dim_head=attention_head_dim, bias=attention_bias,
                     upcast_attention=upcast_attention, rngs=rngs, dtype=dtype)
+        self.only_cross_attention = only_cross_attention
         self.norm1 = LayerNorm(dim, eps=norm_eps, rngs=rngs)
-        self.attn1 = Attention(dim, **attn)
+        self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None, **attn)
         if cross_attention_dim is not None:
             self.norm2 = LayerNorm(dim, eps=norm_eps, rngs=rngs)
             self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attn)
@@ -157,10 +161,20 @@ class BasicTransformerBlock(nnx.Module):
 
     def __call__(self, x, context=None):
         """x: ``(B, T, dim)``; context: ``(B, S, cross_attention_dim)`` (ignored without cross-attention)."""
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
+
+    def set_only_cross_attention(self, cross_attention_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> None:
+        """Turns an already built block into an ``only_cross_attention`` one: a new ``attn1`` whose keys and
+        values project from ``cross_attention_dim`` (for containers that build their blocks through hooks)."""
+        a = self.attn1
+        heads = a.heads
+        self.attn1 = Attention(a.to_q.in_features, cross_attention_dim=cross_attention_dim, heads=heads,
+                               dim_head=a.to_q.out_features // heads, bias=a.to_q.use_bias,
+                               upcast_attention=a.upcast_attention, rngs=rngs, dtype=dtype)
+        self.only_cross_attention = True
 
 
 class Transformer2DModel(nnx.Module):
