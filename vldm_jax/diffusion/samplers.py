@@ -547,6 +547,34 @@ def step(
     return prev.astype(latents.dtype), state
 
 
+def output_for_x0(sampler: Sampler, i: jax.Array, latents: jax.Array, x0: jax.Array) -> jax.Array:
+    """The model output that makes step ``i`` see ``x0`` as its clean estimate at ``latents`` (unscaled, as
+    :func:`step` receives them): how known frames (context frames of prediction and interpolation) are held
+    fixed while the others are sampled. Every sampler's step computes its ``x0`` estimate from this output
+    exactly (for the stochastic Euler variant, up to the churn noise added inside the step)."""
+    c = sampler.coefficients
+    x = latents.astype(jnp.float32)
+    x0 = x0.astype(jnp.float32)
+    if sampler.name == "euler":
+        sigma, sigma_hat = c["sigma"][i], c["sigma_hat"][i]
+        if sampler.prediction_type == "epsilon":
+            return (x - x0) / sigma_hat
+        if sampler.prediction_type == "v_prediction":
+            return (x / (sigma**2 + 1) - x0) * (sigma**2 + 1) ** 0.5 / sigma
+        return x0
+    if sampler.name == "ddim":
+        a_t = c["alpha_prod_t"][i]
+        alpha, sigma = a_t**0.5, (1 - a_t) ** 0.5
+    else:
+        alpha, sigma = c["alpha_s"][i], c["sigma_s"][i]
+    eps = (x - alpha * x0) / sigma
+    if sampler.prediction_type == "epsilon":
+        return eps
+    if sampler.prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    return x0
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -558,6 +586,7 @@ def sample(
     key: jax.Array | None = None,
     variance_noise: jax.Array | None = None,
     progress: Callable[[int], Any] | None = None,
+    known: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Runs the whole reverse process in one ``lax.scan``; traceable (jit it, or call it under jit).
 
@@ -575,6 +604,10 @@ def sample(
         ``variance_noise``; used by the parity tests).
       progress: host callback receiving each finished step index (e.g. :func:`progress_bar`);
         it runs through ``jax.debug.callback``, possibly out of order.
+      known: ``(x0, mask)``: clean latents (shape of ``noise``) and a mask broadcastable to it (1 where
+        known, e.g. ``(B, F, 1, 1, 1)`` for context frames). At every step the denoiser's output there is
+        replaced by :func:`output_for_x0`, so the sampler's clean estimate of known entries is exactly
+        ``x0`` and the rest is sampled consistently with them; the result holds ``x0`` there.
 
     Returns:
       The final latents, shape and dtype of ``noise``.
@@ -595,6 +628,8 @@ def sample(
         x, state = carry
         i = xs["i"]
         out = denoise_fn(scale_model_input(sampler, x, i), sampler.timesteps[i])
+        if known is not None:
+            out = jnp.where(known[1] > 0.5, output_for_x0(sampler, i, x, known[0]), out.astype(jnp.float32))
         z = None
         if stochastic:
             z = xs["noise"] if "noise" in xs else jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
@@ -604,6 +639,8 @@ def sample(
         return (x, state), None
 
     (latents, _), _ = jax.lax.scan(body, (latents, init_state(sampler, latents)), xs)
+    if known is not None:
+        latents = jnp.where(known[1] > 0.5, known[0].astype(latents.dtype), latents)
     return latents
 
 

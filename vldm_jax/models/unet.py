@@ -35,7 +35,8 @@ from vldm_jax.nn.attention import Transformer2DModel
 from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
-from vldm_jax.nn.temporal import (FRAME_POSITION_ENCODINGS, MERGE_STRATEGIES, SpatioTemporalResBlock,
+from vldm_jax.nn.temporal import (CONTEXT_CONDITIONINGS, FRAME_POSITION_ENCODINGS, MERGE_STRATEGIES,
+                                  SpatioTemporalResBlock, TemporalContextEncoder, context_input, zero_init_layer,
                                   TransformerSpatioTemporalModel, fold_frames, unfold_frames)
 
 IntOrTuple = Any  # int | tuple[int, ...] (| tuple[tuple[int, ...], ...] for transformer layers)
@@ -488,12 +489,15 @@ class UNet2DConditionModel(nnx.Module):
             raise UserError("class_labels given to a U-Net without num_class_embeds")
         return self.forward_embedded(x, emb, context, return_skips=return_skips, **extra)
 
-    def forward_embedded(self, x, emb, context, *, return_skips=False, **extra):
+    def forward_embedded(self, x, emb, context, *, return_skips=False, input_residual=None, **extra):
         """The network after conditioning: x ``(N, H, W, in_channels)``, emb ``(N, time_embed_dim)``, context
-        ``(N, S, D)``, all in the compute dtype (``N`` may be ``B*F`` folded frames)."""
+        ``(N, S, D)``, all in the compute dtype (``N`` may be ``B*F`` folded frames). ``input_residual``: added
+        to ``conv_in``'s output (the video U-Net's concatenated context channels)."""
         if self.config.center_input_sample:
             x = 2 * x - 1.0
         x = self.conv_in(x)
+        if input_residual is not None:
+            x = x + input_residual
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, emb, context, **extra)
@@ -550,6 +554,13 @@ class TemporalConfig:
     initial value (a logit for the learned strategies: alpha = sigmoid(merge_factor)).
     ``num_frames``: the frame count the model was trained for (SVD's config field; the forward pass
     takes any count).
+
+    ``context_conditioning``: how context frames (prediction, interpolation) reach the model: ``"none"``;
+    ``"temporal"`` (the paper: masked context latents and the mask, through a learned downsampling
+    (:class:`~vldm_jax.nn.temporal.TemporalContextEncoder`), added to the inputs of the temporal layers at
+    every resolution); ``"concat"`` (SVD-style input channels: ``[x, mask * context, mask]`` into the first
+    convolution, stored as the image ``conv_in`` plus a zero-initialised ``temporal_context_in`` over the extra
+    channels, which is the same linear map and keeps the image layers frozen).
     """
 
     num_frames: int = 25
@@ -559,9 +570,13 @@ class TemporalConfig:
     temporal_kernel_size: tuple[int, int, int] = (3, 1, 1)
     merge_strategy: str = "learned_with_images"
     merge_factor: float = 0.5
+    context_conditioning: str = "none"
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.context_conditioning not in CONTEXT_CONDITIONINGS:
+            raise ConfigError(f"{name}: context_conditioning {self.context_conditioning!r} is not one of "
+                              f"{', '.join(CONTEXT_CONDITIONINGS)}")
         if self.frame_position_encoding not in FRAME_POSITION_ENCODINGS:
             raise ConfigError(f"{name}: frame_position_encoding {self.frame_position_encoding!r} is not one of "
                               f"{', '.join(FRAME_POSITION_ENCODINGS)}")
@@ -695,11 +710,13 @@ class _VideoLayers:
             temporal_cross_attention=t.temporal_cross_attention, merge_factor=t.merge_factor,
             merge_strategy=t.merge_strategy, rngs=rngs, dtype=dtype)
 
-    def _resnet(self, j, x, temb, *, num_frames, image_only_indicator):
-        return self.resnets[j](x, temb, num_frames=num_frames, image_only_indicator=image_only_indicator)
+    def _resnet(self, j, x, temb, *, num_frames, image_only_indicator, context_features=()):
+        return self.resnets[j](x, temb, num_frames=num_frames, image_only_indicator=image_only_indicator,
+                               context_features=context_features)
 
-    def _attention(self, j, x, context, *, num_frames, image_only_indicator):
-        return self.attentions[j](x, context, num_frames=num_frames, image_only_indicator=image_only_indicator)
+    def _attention(self, j, x, context, *, num_frames, image_only_indicator, context_features=()):
+        return self.attentions[j](x, context, num_frames=num_frames, image_only_indicator=image_only_indicator,
+                                  context_features=context_features)
 
 
 class VideoDownBlock(_VideoLayers, DownBlock2D):
@@ -772,6 +789,15 @@ class VideoUNet(UNet2DConditionModel):
         self.add_embedding = (TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim,
                                                 act_fn=c.act_fn, rngs=rngs, dtype=dtype)
                               if c.use_added_time_ids else None)
+        self.temporal_context_encoder = (
+            TemporalContextEncoder(c.out_channels, tuple(c.block_out_channels), rngs=rngs, dtype=dtype)
+            if c.context_conditioning == "temporal" else None)
+        context_in = None
+        if c.context_conditioning == "concat":
+            context_in = conv2d(c.out_channels + 1, c.block_out_channels[0], c.conv_in_kernel,
+                                padding=(c.conv_in_kernel - 1) // 2, rngs=rngs, dtype=dtype)
+            zero_init_layer(context_in)
+        self.temporal_context_in = context_in
 
     def _block_kwargs(self) -> dict:
         return {"temporal": self.config.temporal}
@@ -780,11 +806,14 @@ class VideoUNet(UNet2DConditionModel):
         super().set_remat(remat_policy(remat))
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids=None, *, image_only_indicator=None,
-                 return_skips=False):
+                 context_latents=None, context_mask=None, class_labels=None, return_skips=False):
         """sample: ``(B, F, h, w, in_channels)``; timestep: scalar, ``(B,)`` or per frame ``(B, F)``;
         encoder_hidden_states: ``(B, S, cross_attention_dim)``; added_time_ids: ``(B, n)`` (SVD configs);
         image_only_indicator: ``(B, F)``, 1 for frames that are independent images (alpha = 1 under
         ``learned_with_images``); default all zeros.
+        context_latents ``(B, F, h, w, out_channels)`` and context_mask ``(B, F)`` (1: a given frame) for a
+        model with ``context_conditioning``; omitted: no context frames (the unconditional branch).
+        class_labels: ``(B,)`` ints for a config with ``num_class_embeds`` (the upsampler's noise level).
 
         Returns ``(B, F, h, w, out_channels)`` in the compute dtype (with ``return_skips`` also the folded
         down-path skips).
@@ -810,16 +839,45 @@ class VideoUNet(UNet2DConditionModel):
             sinus = timestep_embedding(ids.reshape(-1), c.addition_time_embed_dim, flip_sin_to_cos=True,
                                        downscale_freq_shift=0)
             emb = emb + self.add_embedding(sinus.reshape(b, -1).astype(self.dtype))[:, None]
+        if getattr(self, "class_embedding", None) is not None:
+            if class_labels is None:
+                raise UserError("this U-Net is conditioned on class_labels (B,) (the upsampler's noise level)")
+            labels = jnp.broadcast_to(jnp.asarray(class_labels).astype(jnp.int32).reshape(-1), (b,))
+            emb = emb + self.class_embedding(labels).astype(emb.dtype)[:, None]
         if image_only_indicator is None:
             image_only_indicator = jnp.zeros((b, f), self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
         context = jnp.broadcast_to(context[:, None], (b, f) + context.shape[1:])
-        out = self.forward_embedded(fold_frames(sample.astype(self.dtype)), fold_frames(emb), fold_frames(context),
-                                    return_skips=return_skips, num_frames=f,
-                                    image_only_indicator=image_only_indicator)
+        x = fold_frames(sample.astype(self.dtype))
+        conditioning = self._context_conditioning(context_latents, context_mask, sample.shape)
+        extra = {}
+        if self.temporal_context_encoder is not None:
+            extra["context_features"] = self.temporal_context_encoder(conditioning)
+        out = self.forward_embedded(x, fold_frames(emb), fold_frames(context), return_skips=return_skips,
+                                    num_frames=f, image_only_indicator=image_only_indicator,
+                                    input_residual=(self.temporal_context_in(conditioning)
+                                                    if self.temporal_context_in is not None else None),
+                                    **extra)
         if return_skips:
             return unfold_frames(out[0], f), out[1]
         return unfold_frames(out, f)
+
+    def _context_conditioning(self, context_latents, context_mask, shape):
+        """``(B*F, h, w, C+1)`` conditioning input, or None for a model without context conditioning."""
+        b, f, h, w = shape[:4]
+        if self.config.context_conditioning == "none":
+            if context_latents is not None or context_mask is not None:
+                raise UserError("this U-Net has no context-frame conditioning (context_conditioning: none)")
+            return None
+        latent_channels = self.config.out_channels
+        if context_latents is None:
+            context_latents = jnp.zeros((b, f, h, w, latent_channels), self.dtype)
+        if context_mask is None:
+            context_mask = jnp.zeros((b, f), self.dtype)
+        if tuple(context_latents.shape) != (b, f, h, w, latent_channels) or tuple(context_mask.shape) != (b, f):
+            raise UserError(f"context_latents must be {(b, f, h, w, latent_channels)} and context_mask {(b, f)}, "
+                            f"got {tuple(context_latents.shape)} and {tuple(context_mask.shape)}")
+        return context_input(context_latents, context_mask, self.dtype)
 
     @classmethod
     def from_image_unet(cls, image_unet_or_path, temporal_config: TemporalConfig | dict | None = None, *,

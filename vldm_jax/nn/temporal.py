@@ -179,11 +179,15 @@ class SpatioTemporalResBlock(nnx.Module):
                                                       zero_init=zero_init, rngs=rngs, dtype=dtype)
         self.time_mixer = AlphaBlender(merge_factor, merge_strategy, rngs=rngs)
 
-    def __call__(self, x, temb, *, num_frames: int, image_only_indicator=None):
-        """x: ``(B*F, H, W, C_in)``; temb: ``(B*F, T)``; image_only_indicator: ``(B, F)``."""
+    def __call__(self, x, temb, *, num_frames: int, image_only_indicator=None, context_features=()):
+        """x: ``(B*F, H, W, C_in)``; temb: ``(B*F, T)``; image_only_indicator: ``(B, F)``;
+        context_features: the context-frame features of every resolution (see :func:`matching_feature`),
+        added to the temporal branch's input."""
         x = self.spatial_res_block(x, temb)
         video = unfold_frames(x, num_frames)
-        temporal = self.temporal_res_block(video, unfold_frames(temb, num_frames) if temb is not None else None)
+        feature = matching_feature(context_features, x)
+        temporal_in = video if feature is None else video + unfold_frames(feature, num_frames)
+        temporal = self.temporal_res_block(temporal_in, unfold_frames(temb, num_frames) if temb is not None else None)
         return fold_frames(self.time_mixer(video, temporal, image_only_indicator))
 
 
@@ -290,21 +294,90 @@ class TransformerSpatioTemporalModel(Transformer2DModel):
             self.time_pos_embed = None
         self.time_mixer = AlphaBlender(merge_factor, merge_strategy, rngs=rngs)
 
-    def __call__(self, x, context=None, *, num_frames: int, image_only_indicator=None):
+    def __call__(self, x, context=None, *, num_frames: int, image_only_indicator=None, context_features=()):
         """x: ``(B*F, H, W, C)``; context: ``(B*F, S, D)`` (the text repeated per frame) or None;
-        image_only_indicator: ``(B, F)``. Returns ``(B*F, H, W, C)``."""
+        image_only_indicator: ``(B, F)``; context_features: as for :class:`SpatioTemporalResBlock`, added to
+        every temporal block's input sequences. Returns ``(B*F, H, W, C)``."""
         bf, h, w, c = x.shape
         tokens = self.proj_in(self.norm(x).reshape(bf, h * w, c))
         temporal_context = unfold_frames(context, num_frames)[:, 0] if context is not None else None
         frame_pos = None
         if self.time_pos_embed is not None:
             frame_pos = self.time_pos_embed(frame_index_embedding(num_frames, c).astype(tokens.dtype))
+        feature = matching_feature(context_features, x)
+        if feature is not None:
+            feature = to_frame_tokens(feature, num_frames)
         for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
             tokens = block(tokens, context)
             seqs = to_frame_tokens(tokens[:, :, None, :], num_frames)  # (B*H*W, F, C)
             if frame_pos is not None:
                 seqs = seqs + frame_pos[None]
+            if feature is not None:
+                seqs = seqs + feature
             seqs = temporal_block(seqs, temporal_context)
             temporal = from_frame_tokens(seqs, num_frames, h * w, 1)[:, :, 0, :]
             tokens = self.time_mixer(tokens, temporal, image_only_indicator)
         return self.proj_out(tokens).reshape(bf, h, w, c) + x
+
+
+# ------------------------------------------------------------------------------- context-frame conditioning
+
+CONTEXT_CONDITIONINGS = ("none", "concat", "temporal")
+
+
+def context_input(context_latents, context_mask, dtype):
+    """The conditioning input of context frames: masked latents and the mask, ``(B*F, h, w, C + 1)``.
+
+    context_latents: ``(B, F, h, w, C)`` (scaled clean latents; values of non-context frames are ignored);
+    context_mask: ``(B, F)``, 1 for a given (context) frame."""
+    mask = context_mask.astype(dtype)[:, :, None, None, None]
+    masked = context_latents.astype(dtype) * mask
+    mask = jnp.broadcast_to(mask, masked.shape[:-1] + (1,))
+    return fold_frames(jnp.concatenate([masked, mask], axis=-1))
+
+
+def matching_feature(features, x):
+    """The entry of ``features`` (a tuple of ``(B*F, h, w, c)`` arrays, one per U-Net resolution) with
+    ``x``'s spatial size and channels, or None when there are no features. The choice is static (shapes)."""
+    if not features:
+        return None
+    for feature in features:
+        if feature.shape[1:] == x.shape[1:]:
+            return feature.astype(x.dtype)
+    raise ValueError(f"no context feature of shape {x.shape[1:]} among {[f.shape[1:] for f in features]}")
+
+
+class TemporalContextEncoder(nnx.Module):
+    """The paper's context-frame conditioning (Video LDM Sec. 3.2/3.3): the masked context latents and the
+    mask ``(B*F, h, w, C+1)`` go through a learned downsampling (3x3 convs, stride 2 between levels, the
+    U-Net's own resolution ladder) to one feature map per U-Net resolution, each ending in a zero-initialised
+    1x1 projection; the features are added to the inputs of the temporal layers at that resolution, so the
+    spatial (image) layers never see them and a fresh encoder leaves the model unchanged.
+
+    Returns a tuple of ``(B*F, h_l, w_l, channels[l])``, one per level.
+    """
+
+    def __init__(self, latent_channels: int, block_out_channels: tuple[int, ...], *, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
+        channels = tuple(block_out_channels)
+        self.conv_in = nnx.Conv(latent_channels + 1, channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
+                                rngs=rngs)
+        convs, projections = [], []
+        for i, ch in enumerate(channels):
+            prev = channels[max(i - 1, 0)]
+            stride = 1 if i == 0 else 2
+            convs.append(nnx.Conv(prev, ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                                  dtype=dtype, rngs=rngs))
+            proj = nnx.Conv(ch, ch, (1, 1), dtype=dtype, rngs=rngs)
+            zero_init_layer(proj)
+            projections.append(proj)
+        self.convs = nnx.List(convs)
+        self.projections = nnx.List(projections)
+
+    def __call__(self, conditioning):
+        h = jax.nn.silu(self.conv_in(conditioning))
+        features = []
+        for conv, proj in zip(self.convs, self.projections):
+            h = jax.nn.silu(conv(h))
+            features.append(proj(h))
+        return tuple(features)

@@ -1,0 +1,325 @@
+"""The Video LDM cascade: text -> keyframes -> interpolation (x4, x16) -> temporal decoder -> upsampler.
+
+``TextToVideoPipeline`` holds the parts of a Video LDM (Blattmann et al. 2023):
+
+* ``unet``: the key-frame video U-Net (text-conditioned temporal layers on a frozen image LDM);
+* ``interpolator`` (optional): a video U-Net with context-frame conditioning that predicts the 3 frames
+  between each pair of keyframes (T -> 4T - 3; applied twice for x16);
+* ``predictor`` (optional): a video U-Net with context-frame conditioning that continues 1 or 2 given frames
+  (:meth:`animate`: an image becomes a video; long videos by autoregressive rollout);
+* ``vae``: the image autoencoder or the temporally fine-tuned decoder (decoded in chunks of frames);
+* ``upsampler`` (optional): a :class:`~vldm_jax.pipelines.upscale.VideoUpscalePipeline` (x4 in space);
+* ``text_encoder``, ``tokenizer``, ``scheduler_config`` (shared by every stage).
+
+Every stage's sampling loop is compiled once per shape (:mod:`vldm_jax.pipelines.stages`); one progress bar
+counts the denoising steps of all stages. Frames come back as float32 ``(B, F, H, W, 3)`` in [0, 1].
+
+Longer than trained: the temporal layers are convolutional in time (3D convs; attention with relative frame
+positions), so ``num_frames`` may exceed the training window (the paper's convolutional-in-time generation:
+one sample, coherent, quality degrades slowly with length); :meth:`animate` with ``num_frames`` beyond the
+predictor's window rolls out autoregressively (any length, but errors can accumulate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vldm_jax.checkpoints.load import load_model, resolve_path
+from vldm_jax.diffusion.samplers import SAMPLER_NAMES
+from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.models.config import read_config_file
+from vldm_jax.models.tokenizer import load_tokenizer, tokenize
+from vldm_jax.pipelines import stages
+from vldm_jax.pipelines.common import denoising_bar
+
+INTERPOLATE_CHOICES = (1, 4, 16)
+_MODEL_PARTS = ("unet", "interpolator", "predictor", "vae", "text_encoder")
+CLASS_NAME = "VideoLDMPipeline"
+
+
+class TextToVideoPipeline:
+    """Video LDM text-to-video (and image animation, video interpolation) from a pipeline folder."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict[str, Any], *, interpolator=None,
+                 predictor=None, upsampler=None, clip_skip: int = 0, defaults: dict[str, Any] | None = None):
+        self.unet, self.interpolator, self.predictor = unet, interpolator, predictor
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.upsampler = upsampler
+        self.scheduler_config = dict(scheduler_config)
+        self.clip_skip = clip_skip
+        self.defaults = dict(defaults or {})
+        self.codec = stages.LatentCodec(vae)
+        self._text_graph, self._text_state = nnx.split(text_encoder)
+        self._samplers = {name: stages.VideoSampler(m, self.scheduler_config)
+                          for name, m in (("unet", unet), ("interpolator", interpolator), ("predictor", predictor))
+                          if m is not None}
+        for name in ("interpolator", "predictor"):
+            m = getattr(self, name)
+            if m is not None and getattr(m.config, "context_conditioning", "none") == "none":
+                raise CheckpointError(f"the {name} needs a video U-Net with context_conditioning (got none)")
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, allow_pickle: bool = False, dtype=jnp.float32,
+                        upsampler: bool = True) -> "TextToVideoPipeline":
+        """A Video LDM pipeline folder (``model_index.json`` naming ``unet``, ``vae``, ``text_encoder``,
+        ``tokenizer``, ``scheduler`` and optionally ``interpolator``, ``predictor``, ``upsampler``), or a hub id."""
+        folder = resolve_path(path)
+        index_path = folder / "model_index.json"
+        if not index_path.exists():
+            raise CheckpointError(f"{folder}: no model_index.json (not a pipeline folder)")
+        index = read_config_file(index_path)
+        for part in ("unet", "vae", "text_encoder", "scheduler"):
+            if not index.get(part) or not (folder / part).is_dir():
+                raise CheckpointError(f"{folder}: pipeline has no {part}/ component")
+        parts = {}
+        for part in _MODEL_PARTS:
+            if index.get(part) and (folder / part).is_dir():
+                parts[part] = load_model(folder / part, allow_pickle=allow_pickle, dtype=dtype)
+        tok = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
+        scheduler_config = read_config_file(folder / "scheduler" / "scheduler_config.json")
+        up = None
+        if upsampler and index.get("upsampler") and (folder / "upsampler").is_dir():
+            from vldm_jax.pipelines.upscale import VideoUpscalePipeline
+
+            up = VideoUpscalePipeline.from_pretrained(folder / "upsampler", dtype=dtype)
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], tok, scheduler_config,
+                   interpolator=parts.get("interpolator"), predictor=parts.get("predictor"), upsampler=up,
+                   clip_skip=int(index.get("_vldm_clip_skip", 0)), defaults=index.get("_vldm_defaults", {}))
+
+    def save_pretrained(self, dst: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Writes the pipeline in our own format to a new folder, atomically."""
+        from vldm_jax.checkpoints.store import atomic_folder, save_module
+
+        with atomic_folder(dst, overwrite=overwrite) as tmp:
+            index = {"_class_name": CLASS_NAME, "_vldm_format": 1, "_vldm_clip_skip": self.clip_skip,
+                     "_vldm_defaults": self.defaults}
+            for name in _MODEL_PARTS:
+                module = getattr(self, name)
+                if module is None:
+                    index[name] = None
+                    continue
+                (tmp / name).mkdir()
+                save_module(module, tmp / name)
+                index[name] = ["vldm_jax", type(module).__name__]
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+            (tmp / "scheduler").mkdir()
+            with open(tmp / "scheduler" / "scheduler_config.json", "w") as f:
+                json.dump(self.scheduler_config, f, indent=1)
+            index["scheduler"] = ["vldm_jax", "SchedulerConfig"]
+            if self.upsampler is not None:
+                self.upsampler.save_pretrained(tmp / "upsampler")
+                index["upsampler"] = ["vldm_jax", type(self.upsampler).__name__]
+            else:
+                index["upsampler"] = None
+            with open(tmp / "model_index.json", "w") as f:
+                json.dump(index, f, indent=1)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.codec.factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.out_channels
+
+    def default(self, name: str, fallback):
+        return self.defaults.get(name, fallback)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """Prompts -> context ``(B, 77, D)``."""
+        from vldm_jax.pipelines.text_to_image import _encode_text
+
+        ids = tokenize(self.tokenizer, list(prompts), max_length=self.tokenizer.model_max_length)
+        return _encode_text(self._text_graph, self._text_state, jnp.asarray(ids), clip_skip=self.clip_skip)
+
+    def _size(self, height, width) -> tuple[int, int]:
+        f = self.vae_scale_factor
+        sample = self.unet.config.sample_size
+        sample = sample[0] if isinstance(sample, (tuple, list)) else sample
+        height = height or self.default("height", (sample or 8) * f)
+        width = width or self.default("width", (sample or 8) * f)
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise UserError(f"height and width must be positive multiples of {f} (got {height}x{width})")
+        return int(height), int(width)
+
+    def _texts(self, prompts, negative_prompt, guided: bool):
+        text = self.encode_prompt(prompts)
+        if not guided:
+            return text, None
+        neg = negative_prompt if negative_prompt is not None else ""
+        negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+        if len(negs) != len(prompts):
+            raise UserError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
+        return text, self.encode_prompt(negs)
+
+    @staticmethod
+    def _check_common(num_inference_steps: int, scheduler: str, interpolate: int) -> None:
+        if num_inference_steps < 1:
+            raise UserError(f"the number of steps must be at least 1 (got {num_inference_steps})")
+        if scheduler not in SAMPLER_NAMES:
+            raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        if interpolate not in INTERPOLATE_CHOICES:
+            raise UserError(f"interpolate must be one of {', '.join(map(str, INTERPOLATE_CHOICES))} (got {interpolate})")
+
+    def _interpolation_passes(self, interpolate: int) -> int:
+        passes = {1: 0, 4: 1, 16: 2}[interpolate]
+        if passes and self.interpolator is None:
+            raise UserError("this pipeline has no interpolation model (interpolate must be 1)")
+        return passes
+
+    # ------------------------------------------------------------------------------------------ text -> video
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 scheduler: str = "ddim", interpolate: int = 1, interpolation_steps: int | None = None,
+                 interpolation_window: int | None = None, decode_chunk_size: int | None = 8,
+                 upscale: bool = False, upscale_kwargs: dict | None = None, seed: int = 0, latents=None,
+                 progress: bool = False, return_latents: bool = False):
+        """Text -> video frames ``(B, F_out, H, W, 3)`` in [0, 1].
+
+        ``num_frames``: keyframes sampled by the key-frame model (default: the pipeline's); with ``interpolate``
+        4 or 16 the output has ``4(F-1)+1`` or ``16(F-1)+1`` frames. ``latents``: the keyframes' starting noise
+        ``(B, F, h, w, C)``. ``return_latents``: also return the final latents before decoding.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = num_inference_steps or self.default("num_inference_steps", 25)
+        guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        self._check_common(steps, scheduler, interpolate)
+        num_frames = num_frames or self.default("num_frames", getattr(self.unet.config, "num_frames", 8))
+        if num_frames < 1:
+            raise UserError(f"num_frames must be at least 1 (got {num_frames})")
+        passes = self._interpolation_passes(interpolate)
+        if passes and num_frames < 2:
+            raise UserError("interpolation needs at least 2 keyframes")
+        height, width = self._size(height, width)
+        f = self.vae_scale_factor
+        shape = (len(prompts), num_frames, height // f, width // f, self.latent_channels)
+        key = jax.random.key(seed)
+        from vldm_jax.pipelines.common import initial_noise
+
+        noise = initial_noise(latents, shape, jax.random.fold_in(key, 0))
+        text, null_text = self._texts(prompts, negative_prompt, guidance != 1.0)
+        interp_steps = interpolation_steps or steps
+        total = steps + passes * interp_steps
+        with denoising_bar(total, progress):
+            keys = self._samplers["unet"](noise, text, null_text, steps=steps, scheduler=scheduler,
+                                          guidance_scale=guidance, key=jax.random.fold_in(key, 1), progress=True)
+            frames_latents = keys
+            for p in range(passes):
+                frames_latents = stages.interpolate(
+                    self._samplers["interpolator"], frames_latents, text, null_text,
+                    key=jax.random.fold_in(key, 100 + p), window_keyframes=interpolation_window, steps=interp_steps,
+                    scheduler=scheduler, guidance_scale=guidance, progress=True)
+            frames = np.asarray(self.codec.decode(frames_latents, chunk=decode_chunk_size), np.float32)
+        if upscale:
+            if self.upsampler is None:
+                raise UserError("this pipeline has no upsampler (drop upscale)")
+            frames = np.stack([self.upsampler(v, prompts[i], progress=progress, seed=seed, **(upscale_kwargs or {}))
+                               for i, v in enumerate(frames)])
+        return (frames, frames_latents) if return_latents else frames
+
+    # ------------------------------------------------------------------------------------------ image -> video
+    def animate(self, image, prompt: str = "", negative_prompt: str | None = None, *, num_frames: int | None = None,
+                window: int | None = None, num_context: int = 1, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, context_guidance_scale: float = 1.0, scheduler: str = "ddim",
+                interpolate: int = 1, decode_chunk_size: int | None = 8, upscale: bool = False, seed: int = 0,
+                progress: bool = False) -> np.ndarray:
+        """An image (``(H, W, 3)`` uint8 or float in [0, 1], or a list of 1-2 such frames) -> video
+        ``(F, H, W, 3)`` in [0, 1] whose first frame is the image after a VAE round trip.
+
+        ``window``: the predictor's frame count per call (default: the pipeline's ``num_frames``); more
+        ``num_frames`` than that rolls out autoregressively, the newest ``num_context`` frames becoming the next
+        window's context."""
+        if self.predictor is None:
+            raise UserError("this pipeline has no prediction model (cannot animate images)")
+        frames = [image] if np.asarray(image).ndim == 3 else list(image)
+        if not 1 <= len(frames) <= 2:
+            raise UserError(f"animate takes 1 or 2 context frames (got {len(frames)})")
+        pixels = np.stack([_as_float_frame(fr) for fr in frames])[None]  # (1, Fc, H, W, 3)
+        h, w = pixels.shape[2:4]
+        self._size(h, w)
+        steps = num_inference_steps or self.default("num_inference_steps", 25)
+        guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        self._check_common(steps, scheduler, interpolate)
+        window = window or self.default("num_frames", getattr(self.predictor.config, "num_frames", 8))
+        num_frames = num_frames or window
+        if num_frames < len(frames):
+            raise UserError(f"num_frames must be at least the {len(frames)} given frame(s) (got {num_frames})")
+        n_ctx = max(num_context, len(frames))
+        if not 0 < n_ctx < window:
+            raise UserError(f"num_context must be between 1 and {window - 1} (got {num_context})")
+        passes = self._interpolation_passes(interpolate)
+        key = jax.random.key(seed)
+        context = self.codec.encode(pixels)
+        text, null_text = self._texts([prompt], negative_prompt, guidance != 1.0)
+        windows = 0
+        have = context.shape[1]
+        while have < num_frames:
+            have += window - min(n_ctx, have)
+            windows += 1
+        total = windows * steps + passes * steps
+        with denoising_bar(total, progress):
+            latents = stages.rollout(self._samplers["predictor"], context, num_frames, window, text, null_text,
+                                     num_context=n_ctx, key=jax.random.fold_in(key, 1), steps=steps,
+                                     scheduler=scheduler, guidance_scale=guidance,
+                                     context_guidance_scale=context_guidance_scale, progress=True)
+            for p in range(passes):
+                latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
+                                             key=jax.random.fold_in(key, 100 + p), steps=steps, scheduler=scheduler,
+                                             guidance_scale=guidance, progress=True)
+            video = np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
+        if upscale:
+            if self.upsampler is None:
+                raise UserError("this pipeline has no upsampler (drop upscale)")
+            video = self.upsampler(video, prompt, progress=progress, seed=seed)
+        return video
+
+    # ------------------------------------------------------------------------------------------ video -> video
+    def interpolate_video(self, video, prompt: str = "", *, factor: int = 4, num_inference_steps: int | None = None,
+                          guidance_scale: float | None = None, scheduler: str = "ddim",
+                          window_keyframes: int | None = None, decode_chunk_size: int | None = 8, seed: int = 0,
+                          progress: bool = False) -> np.ndarray:
+        """Any video ``(F, H, W, 3)`` (uint8 or float [0, 1]) -> ``(factor (F-1) + 1, H, W, 3)``: encode, insert the
+        frames between each pair with the interpolation model (``factor`` 4, or 16 = twice), decode. The input
+        frames come back after a VAE round trip."""
+        if factor not in (4, 16):
+            raise UserError(f"the interpolation factor must be 4 or 16 (got {factor})")
+        passes = self._interpolation_passes(factor)
+        frames = np.stack([_as_float_frame(fr) for fr in video])[None]
+        if frames.shape[1] < 2:
+            raise UserError("interpolation needs a video of at least 2 frames")
+        self._size(frames.shape[2], frames.shape[3])
+        steps = num_inference_steps or self.default("num_inference_steps", 25)
+        guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        self._check_common(steps, scheduler, factor)
+        window = window_keyframes or self.default("interpolation_window", None)
+        key = jax.random.key(seed)
+        latents = self.codec.encode(frames)
+        text, null_text = self._texts([prompt], None, guidance != 1.0)
+        with denoising_bar(passes * steps, progress):
+            for p in range(passes):
+                latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
+                                             key=jax.random.fold_in(key, p), window_keyframes=window, steps=steps,
+                                             scheduler=scheduler, guidance_scale=guidance, progress=True)
+            return np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
+
+
+def _as_float_frame(frame) -> np.ndarray:
+    a = np.asarray(frame)
+    if a.ndim != 3 or a.shape[-1] not in (3, 4):
+        raise UserError(f"expected an RGB frame (H, W, 3), got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    return np.clip(a.astype(np.float32), 0.0, 1.0)
