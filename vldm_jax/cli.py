@@ -37,18 +37,59 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
-    p = sub.add_parser("animate", help="animate an image with a Stable Video Diffusion checkpoint (image-to-video)")
+    p = sub.add_parser("generate", help="text-to-video with a Video LDM pipeline (keyframes -> interpolation -> "
+                                        "decoder -> upsampler)")
+    p.add_argument("prompt")
+    p.add_argument("--checkpoint", default=None,
+                   help="Video LDM pipeline folder or hub id (default: the bundled moving-shapes model)")
+    p.add_argument("--out", default="video.gif", help="output video (.gif, .mp4, .webm, .webp)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--frames", type=int, default=None, help="keyframes to sample (default: the model's window)")
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's, times the "
+                                                           "interpolation factor)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per stage (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale on the text")
+    p.add_argument("--scheduler", default="ddim", help="ddim, dpm++ or euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--interpolate", type=int, default=1, help="temporal interpolation factor: 1, 4 or 16")
+    p.add_argument("--upscale", action="store_true", help="run the video upsampler (x4 in space)")
+    p.add_argument("--decode-chunk", type=int, default=8, help="frames decoded at a time")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("interpolate", help="insert frames between the frames of a video with a Video LDM "
+                                           "interpolation model (x4 or x16)")
+    p.add_argument("video", help="input video (.gif, .mp4, ...)")
+    p.add_argument("--checkpoint", default=None, help="Video LDM pipeline folder (default: the bundled model)")
+    p.add_argument("--out", default="interpolated.gif", help="output video (.gif, .mp4, .webm, .webp)")
+    p.add_argument("--factor", type=int, default=4, help="4 or 16")
+    p.add_argument("--prompt", default="", help="what the video shows (the model is text-conditioned)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: input fps x factor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("animate", help="animate an image: Video LDM prediction model (default) or Stable Video "
+                                       "Diffusion checkpoint")
     p.add_argument("image", help="input image (.png, .jpg, .webp...)")
-    p.add_argument("--checkpoint", required=True,
-                   help="diffusers SVD pipeline folder, original single-file SVD .safetensors, or hub id "
+    p.add_argument("--checkpoint", default=None,
+                   help="Video LDM pipeline folder (default: the bundled model), or a diffusers SVD pipeline folder, "
+                        "original single-file SVD .safetensors, or hub id "
                         "(e.g. stabilityai/stable-video-diffusion-img2vid-xt)")
+    p.add_argument("--prompt", default="", help="Video LDM: what should happen (e.g. 'a red circle moving right')")
+    p.add_argument("--guidance", type=float, default=None, help="Video LDM: text guidance scale")
+    p.add_argument("--context-guidance", type=float, default=1.0, help="Video LDM: guidance on the given frame")
+    p.add_argument("--interpolate", type=int, default=1, help="Video LDM: temporal interpolation factor 1, 4 or 16")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints (trusted files only)")
     p.add_argument("--out", default="video.mp4", help="output video (.gif, .mp4, .webm, .webp)")
     p.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's, 14 or 25)")
-    p.add_argument("--fps", type=int, default=7, help="frame rate: the model's conditioning and the output's")
+    p.add_argument("--fps", type=int, default=None, help="frame rate: the model's conditioning and the output's "
+                                                         "(SVD default 7; Video LDM: the model's)")
     p.add_argument("--motion", type=int, default=127, help="motion bucket id (more motion when higher)")
     p.add_argument("--noise-aug", type=float, default=0.02, help="noise added to the input image")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (SVD default 25; Video LDM: the model's)")
     p.add_argument("--min-guidance", type=float, default=1.0, help="guidance scale of the first frame")
     p.add_argument("--max-guidance", type=float, default=3.0, help="guidance scale of the last frame")
     p.add_argument("--seed", type=int, default=0)
@@ -57,6 +98,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="default 1024 (576 for portrait images)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute and parameter dtype (bfloat16 to fit SVD-XT on a 24 GB GPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("upscale", help="upsample a video x4 with the video upsampler (or an SD x4 upscaler folder)")
+    p.add_argument("video", help="input video (.gif, .mp4, .webm, .webp) or image")
+    p.add_argument("--checkpoint", required=True,
+                   help="video upsampler folder, or an x4 upscaler folder / hub id "
+                        "(stabilityai/stable-diffusion-x4-upscaler: fresh temporal layers, i.e. per-frame)")
+    p.add_argument("--out", required=True, help="output video (.gif, .mp4, .webm, .webp)")
+    p.add_argument("--prompt", default="", help="text prompt describing the video")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=9.0)
+    p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-res input (0..max_noise_level)")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="denoise on overlapping tiles of this many input pixels (bounds memory for big videos)")
+    p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = sub.add_parser("convert", help="convert a checkpoint to vldm_jax's own format (loads faster)")
@@ -138,10 +196,17 @@ def _cmd_animate(args) -> int:
             raise UserError(f"{name} must be at least {low} (got {value})")
     if args.noise_aug < 0:
         raise UserError(f"--noise-aug must not be negative (got {args.noise_aug})")
+    if args.interpolate not in (1, 4, 16):
+        raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
+    video_ldm = _is_video_ldm(args.checkpoint)
     for name, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and (value <= 0 or value % 8):
+        if value is not None and (value <= 0 or (value % 8 and not video_ldm)):
             raise UserError(f"{name} must be a positive multiple of 8 (got {value})")
     image = read_image(args.image)
+    if video_ldm:
+        return _animate_video_ldm(args, image, out)
+    args.fps = args.fps or 7
+    args.steps = args.steps or 25
     portrait = image.shape[0] > image.shape[1]
     height = args.height or (1024 if portrait else 576)
     width = args.width or (576 if portrait else 1024)
@@ -162,6 +227,143 @@ def _cmd_animate(args) -> int:
     write_video(out, video[0], fps=args.fps)
     print(f"wrote {out} ({video.shape[1]} frames, {width}x{height}) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
+    return 0
+
+
+def _is_video_ldm(checkpoint) -> bool:
+    """True for a Video LDM pipeline folder (or no checkpoint: the bundled one); False for SVD checkpoints."""
+    import json
+    from pathlib import Path
+
+    if checkpoint is None:
+        return True
+    index = Path(checkpoint) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("_class_name") == "VideoLDMPipeline"
+    except (OSError, ValueError):
+        return False
+
+
+def _load_video_ldm(checkpoint):
+    from vldm_jax.pipelines.text_to_video import TextToVideoPipeline, default_checkpoint
+
+    t0 = time.perf_counter()
+    path = checkpoint if checkpoint is not None else default_checkpoint()
+    pipe = TextToVideoPipeline.from_pretrained(path)
+    print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return pipe
+
+
+def _check_positive(*pairs) -> None:
+    from vldm_jax.errors import UserError
+
+    for name, value in pairs:
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value})")
+
+
+def _animate_video_ldm(args, image, out) -> int:
+    from vldm_jax.io.video import write_video
+
+    t0 = time.perf_counter()
+    pipe = _load_video_ldm(args.checkpoint)
+    if args.height or args.width:
+        from PIL import Image
+
+        h, w = args.height or image.shape[0], args.width or image.shape[1]
+        image = __import__("numpy").asarray(Image.fromarray(image).resize((w, h), Image.LANCZOS))
+    video = pipe.animate(image, args.prompt, num_frames=args.frames, num_inference_steps=args.steps,
+                         guidance_scale=args.guidance, context_guidance_scale=args.context_guidance,
+                         interpolate=args.interpolate, decode_chunk_size=args.decode_chunk, seed=args.seed,
+                         progress=True)
+    fps = args.fps if args.fps else pipe.default("fps", 8) * args.interpolate
+    write_video(out, video, fps=fps)
+    print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from vldm_jax.errors import UserError
+    from vldm_jax.io.video import VIDEO_SUFFIXES, check_output_path, write_video
+    from vldm_jax.pipelines.text_to_video import INTERPOLATE_CHOICES
+
+    out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
+    _check_positive(("--frames", args.frames), ("--steps", args.steps), ("--decode-chunk", args.decode_chunk),
+                    ("--height", args.height), ("--width", args.width))
+    if args.interpolate not in INTERPOLATE_CHOICES:
+        raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
+    if args.fps is not None and args.fps <= 0:
+        raise UserError(f"--fps must be positive (got {args.fps})")
+    t0 = time.perf_counter()
+    pipe = _load_video_ldm(args.checkpoint)
+    video = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
+                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                 scheduler=args.scheduler, interpolate=args.interpolate, upscale=args.upscale,
+                 decode_chunk_size=args.decode_chunk, seed=args.seed, progress=True)[0]
+    fps = args.fps if args.fps else pipe.default("fps", 8) * args.interpolate
+    write_video(out, video, fps=fps)
+    print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _cmd_interpolate(args) -> int:
+    from vldm_jax.errors import UserError
+    from vldm_jax.io.video import VIDEO_SUFFIXES, check_output_path, read_video, write_video
+
+    out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
+    if args.factor not in (4, 16):
+        raise UserError(f"--factor must be 4 or 16 (got {args.factor})")
+    _check_positive(("--steps", args.steps))
+    frames, fps = read_video(args.video)
+    if len(frames) < 2:
+        raise UserError(f"{args.video}: a video of at least 2 frames is needed (got {len(frames)})")
+    t0 = time.perf_counter()
+    pipe = _load_video_ldm(args.checkpoint)
+    video = pipe.interpolate_video(frames, args.prompt, factor=args.factor, num_inference_steps=args.steps,
+                                   guidance_scale=args.guidance, seed=args.seed, progress=True)
+    out_fps = args.fps if args.fps else (fps or pipe.default("fps", 8)) * args.factor
+    write_video(out, video, fps=out_fps)
+    print(f"wrote {out} ({video.shape[0]} frames) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _cmd_upscale(args) -> int:
+    from vldm_jax.errors import UserError
+    from vldm_jax.io.video import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_path, read_image, read_video,
+                                   write_video)
+
+    # Everything a user can get wrong is checked before the (slow) model load.
+    out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {args.steps})")
+    if args.tile_size is not None and args.tile_size < 1:
+        raise UserError(f"--tile-size must be positive (got {args.tile_size})")
+    if args.tile_overlap is not None and (args.tile_size is None or not 0 <= args.tile_overlap <= args.tile_size // 2):
+        raise UserError("--tile-overlap needs --tile-size and must be in [0, tile size / 2]")
+    if args.fps is not None and args.fps <= 0:
+        raise UserError(f"--fps must be positive (got {args.fps})")
+    if args.noise_level < 0:
+        raise UserError(f"--noise-level must not be negative (got {args.noise_level})")
+    if os.path.splitext(args.video)[1].lower() in IMAGE_SUFFIXES:
+        frames, fps = read_image(args.video)[None], 8.0
+    else:
+        frames, fps = read_video(args.video)
+
+    from vldm_jax.pipelines.upscale import VideoUpscalePipeline
+
+    t0 = time.perf_counter()
+    pipe = VideoUpscalePipeline.from_pretrained(args.checkpoint)
+    print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    video = pipe(frames, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                 noise_level=args.noise_level, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+                 seed=args.seed, progress=True)
+    write_video(out, video, fps=args.fps or fps)
+    print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
 
@@ -228,8 +430,10 @@ def _cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"txt2img": _cmd_txt2img, "animate": _cmd_animate, "convert": _cmd_convert, "train": _cmd_train,
+COMMANDS = {"txt2img": _cmd_txt2img, "generate": _cmd_generate, "interpolate": _cmd_interpolate,
+            "animate": _cmd_animate, "convert": _cmd_convert, "train": _cmd_train,
             "benchmark": _cmd_benchmark}
+COMMANDS["upscale"] = _cmd_upscale
 
 
 def main(argv: list[str] | None = None) -> int:

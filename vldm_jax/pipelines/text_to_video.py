@@ -43,6 +43,15 @@ from vldm_jax.pipelines.common import denoising_bar
 INTERPOLATE_CHOICES = (1, 4, 16)
 _MODEL_PARTS = ("unet", "interpolator", "predictor", "vae", "text_encoder")
 CLASS_NAME = "VideoLDMPipeline"
+# The bundled default model (moving shapes), shipped as package data.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default_model"
+
+
+def default_checkpoint() -> Path:
+    """The bundled Video LDM pipeline folder (what ``vldm generate`` uses without ``--checkpoint``)."""
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        raise UserError(f"no --checkpoint given and the bundled default model is not installed ({DEFAULT_MODEL})")
+    return DEFAULT_MODEL
 
 
 class TextToVideoPipeline:
@@ -147,8 +156,8 @@ class TextToVideoPipeline:
         f = self.vae_scale_factor
         sample = self.unet.config.sample_size
         sample = sample[0] if isinstance(sample, (tuple, list)) else sample
-        height = height or self.default("height", (sample or 8) * f)
-        width = width or self.default("width", (sample or 8) * f)
+        height = self.default("height", (sample or 8) * f) if height is None else height
+        width = self.default("width", (sample or 8) * f) if width is None else width
         if height <= 0 or width <= 0 or height % f or width % f:
             raise UserError(f"height and width must be positive multiples of {f} (got {height}x{width})")
         return int(height), int(width)
@@ -193,10 +202,11 @@ class TextToVideoPipeline:
         ``(B, F, h, w, C)``. ``return_latents``: also return the final latents before decoding.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        steps = num_inference_steps or self.default("num_inference_steps", 25)
+        steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         self._check_common(steps, scheduler, interpolate)
-        num_frames = num_frames or self.default("num_frames", getattr(self.unet.config, "num_frames", 8))
+        if num_frames is None:
+            num_frames = self.default("num_frames", getattr(self.unet.config, "num_frames", 8))
         if num_frames < 1:
             raise UserError(f"num_frames must be at least 1 (got {num_frames})")
         passes = self._interpolation_passes(interpolate)
@@ -210,7 +220,7 @@ class TextToVideoPipeline:
 
         noise = initial_noise(latents, shape, jax.random.fold_in(key, 0))
         text, null_text = self._texts(prompts, negative_prompt, guidance != 1.0)
-        interp_steps = interpolation_steps or steps
+        interp_steps = steps if interpolation_steps is None else interpolation_steps
         total = steps + passes * interp_steps
         with denoising_bar(total, progress):
             keys = self._samplers["unet"](noise, text, null_text, steps=steps, scheduler=scheduler,
@@ -249,11 +259,11 @@ class TextToVideoPipeline:
         pixels = np.stack([_as_float_frame(fr) for fr in frames])[None]  # (1, Fc, H, W, 3)
         h, w = pixels.shape[2:4]
         self._size(h, w)
-        steps = num_inference_steps or self.default("num_inference_steps", 25)
+        steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         self._check_common(steps, scheduler, interpolate)
         window = window or self.default("num_frames", getattr(self.predictor.config, "num_frames", 8))
-        num_frames = num_frames or window
+        num_frames = window if num_frames is None else num_frames
         if num_frames < len(frames):
             raise UserError(f"num_frames must be at least the {len(frames)} given frame(s) (got {num_frames})")
         n_ctx = max(num_context, len(frames))
@@ -300,7 +310,7 @@ class TextToVideoPipeline:
         if frames.shape[1] < 2:
             raise UserError("interpolation needs a video of at least 2 frames")
         self._size(frames.shape[2], frames.shape[3])
-        steps = num_inference_steps or self.default("num_inference_steps", 25)
+        steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         self._check_common(steps, scheduler, factor)
         window = window_keyframes or self.default("interpolation_window", None)
