@@ -196,3 +196,28 @@ def test_bad_video_is_a_user_error(random_pipe):
         random_pipe(np.zeros((4, 4, 3), np.uint8), progress=False)
     with pytest.raises(UserError, match=r"\[0, 1\]"):
         random_pipe(np.full((1, 4, 4, 3), 2.0, np.float32), progress=False)
+
+
+HUB_SCRIPT = """
+import sys
+from vldm_jax.pipelines.upscale import UpscalePipeline, VideoUpscalePipeline
+image = UpscalePipeline.from_pretrained(sys.argv[1])
+video = VideoUpscalePipeline.from_pretrained(sys.argv[1])
+print("loaded", image.max_noise_level, type(video.unet).__name__)
+"""
+
+
+def test_hub_id_loads_from_the_cache_offline(folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.checkpoints.test_hub import _fake_hub_cache
+
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someone/tiny-x4", folder)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", HUB_SCRIPT, "someone/tiny-x4"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loaded 350 VideoUNet" in proc.stdout
