@@ -117,23 +117,6 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
-    p = sub.add_parser("upscale", help="upsample a video x4 with the video upsampler (or an SD x4 upscaler folder)")
-    p.add_argument("video", help="input video (.gif, .mp4, .webm, .webp) or image")
-    p.add_argument("--checkpoint", required=True,
-                   help="video upsampler folder, or an x4 upscaler folder / hub id "
-                        "(stabilityai/stable-diffusion-x4-upscaler: fresh temporal layers, i.e. per-frame)")
-    p.add_argument("--out", required=True, help="output video (.gif, .mp4, .webm, .webp)")
-    p.add_argument("--prompt", default="", help="text prompt describing the video")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=9.0)
-    p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-res input (0..max_noise_level)")
-    p.add_argument("--tile-size", type=int, default=None,
-                   help="denoise on overlapping tiles of this many input pixels (bounds memory for big videos)")
-    p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-
     p = sub.add_parser("convert", help="convert a checkpoint to vldm_jax's own format (loads faster)")
     p.add_argument("src", help="diffusers pipeline folder, single-file .safetensors, or hub id")
     p.add_argument("dst", help="new folder to write")
@@ -266,11 +249,9 @@ def _is_video_ldm(checkpoint) -> bool:
 def _load_video_ldm(checkpoint):
     from vldm_jax.pipelines.text_to_video import TextToVideoPipeline, default_checkpoint
 
-    t0 = time.perf_counter()
+    # No "loaded" line: an error found after loading (a bad size) must still be the only line printed.
     path = checkpoint if checkpoint is not None else default_checkpoint()
-    pipe = TextToVideoPipeline.from_pretrained(path)
-    print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return pipe
+    return TextToVideoPipeline.from_pretrained(path)
 
 
 def _check_positive(*pairs) -> None:
@@ -384,42 +365,6 @@ def _cmd_upscale(args) -> int:
     return 0
 
 
-def _cmd_upscale(args) -> int:
-    from vldm_jax.errors import UserError
-    from vldm_jax.io.video import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_path, read_image, read_video,
-                                   write_video)
-
-    # Everything a user can get wrong is checked before the (slow) model load.
-    out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {args.steps})")
-    if args.tile_size is not None and args.tile_size < 1:
-        raise UserError(f"--tile-size must be positive (got {args.tile_size})")
-    if args.tile_overlap is not None and (args.tile_size is None or not 0 <= args.tile_overlap <= args.tile_size // 2):
-        raise UserError("--tile-overlap needs --tile-size and must be in [0, tile size / 2]")
-    if args.fps is not None and args.fps <= 0:
-        raise UserError(f"--fps must be positive (got {args.fps})")
-    if args.noise_level < 0:
-        raise UserError(f"--noise-level must not be negative (got {args.noise_level})")
-    if os.path.splitext(args.video)[1].lower() in IMAGE_SUFFIXES:
-        frames, fps = read_image(args.video)[None], 8.0
-    else:
-        frames, fps = read_video(args.video)
-
-    from vldm_jax.pipelines.upscale import VideoUpscalePipeline
-
-    t0 = time.perf_counter()
-    pipe = VideoUpscalePipeline.from_pretrained(args.checkpoint)
-    print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    video = pipe(frames, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 noise_level=args.noise_level, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-                 seed=args.seed, progress=True)
-    write_video(out, video, fps=args.fps or fps)
-    print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}) in "
-          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return 0
-
-
 def _cmd_convert(args) -> int:
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
@@ -486,7 +431,6 @@ def _cmd_train(args) -> int:
 COMMANDS = {"txt2img": _cmd_txt2img, "generate": _cmd_generate, "interpolate": _cmd_interpolate,
             "animate": _cmd_animate, "convert": _cmd_convert, "train": _cmd_train,
             "benchmark": _cmd_benchmark}
-COMMANDS["upscale"] = _cmd_upscale
 COMMANDS["upscale"] = _cmd_upscale
 
 
