@@ -224,3 +224,24 @@ def test_longer_than_trained_is_convolutional_in_time(pipe):
 def test_bad_arguments(pipe, kwargs, needle):
     with pytest.raises(UserError, match=needle):
         pipe("x", **kwargs)
+
+
+@pytest.mark.slow
+def test_cascade_with_upsampler(tmp_path):
+    """keyframes -> x4 interpolation -> decode -> x4 video upsampler, then saved and reloaded with its upsampler."""
+    from tests.helpers.tiny_upscaler import make_tiny_upscaler_folder
+    from vldm_jax.pipelines.text_to_video import TextToVideoPipeline
+    from vldm_jax.pipelines.upscale import UpscalePipeline, VideoUpscalePipeline
+
+    up = VideoUpscalePipeline.from_image_upscaler(UpscalePipeline.from_pretrained(make_tiny_upscaler_folder(tmp_path)))
+    pipe = tiny_pipeline(up)
+    video = pipe("a red circle moving right", num_frames=2, interpolate=4, num_inference_steps=2, upscale=True,
+                 upscale_kwargs={"num_inference_steps": 2})
+    assert video.shape == (1, 5, 64, 64, 3)
+    assert np.isfinite(video).all() and 0.0 <= video.min() and video.max() <= 1.0
+    pipe.save_pretrained(tmp_path / "with_upsampler")
+    again = TextToVideoPipeline.from_pretrained(tmp_path / "with_upsampler")
+    assert isinstance(again.upsampler, VideoUpscalePipeline)
+    video2 = again("a red circle moving right", num_frames=2, interpolate=4, num_inference_steps=2, upscale=True,
+                   upscale_kwargs={"num_inference_steps": 2})
+    np.testing.assert_allclose(video2, video, atol=1e-5)
