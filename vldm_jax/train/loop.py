@@ -519,8 +519,14 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
         ckpt.close()
     if preempted:
         say(f"stopped by SIGTERM at step {step}; checkpoint saved; run the same command again to resume")
-    elif step > start:
-        _export_temporal(graphdef, state, workdir, say)
+    elif step > start or (hasattr(setup.objective, "export") and not (workdir / "export").exists()):
+        if hasattr(setup.objective, "export"):
+            # A stage trained from scratch writes its final (EMA) modules where the next stage's
+            # model.pretrained finds them; it may read a few more batches (e.g. the VAE's latent std).
+            if jax.process_index() == 0:
+                setup.objective.export(graphdef, state, workdir, data, say)
+        else:
+            _export_temporal(graphdef, state, workdir, say)
     step_time = float(np.mean(step_times)) if step_times else None
     return TrainResult(start_step=start, step=step, preempted=preempted, resumed=resumed, metrics=rows,
                        step_time=step_time, workdir=workdir, state=state)
