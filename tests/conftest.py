@@ -10,3 +10,7 @@ import os
 _FLAG = "--xla_backend_optimization_level=0"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+# CLI runs turn on a persistent compilation cache in the user's cache folder; tests keep out of it (the cache
+# test points it at a temporary folder).
+os.environ.setdefault("VLDM_COMPILATION_CACHE", "0")

@@ -434,10 +434,18 @@ COMMANDS = {"txt2img": _cmd_txt2img, "generate": _cmd_generate, "interpolate": _
 COMMANDS["upscale"] = _cmd_upscale
 
 
+# Commands whose compiled programs are worth keeping between runs (persistent compilation cache).
+CACHED_COMMANDS = ("txt2img", "generate", "interpolate", "animate", "upscale")
+
+
 def main(argv: list[str] | None = None) -> int:
     from vldm_jax.errors import UserError
 
     args = _build_parser().parse_args(argv)
+    if args.command in CACHED_COMMANDS:
+        from vldm_jax.pipelines.common import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

@@ -47,3 +47,28 @@ def initial_noise(latents, shape: tuple[int, ...], key: jax.Array) -> jax.Array:
     if noise.shape != tuple(shape):
         raise UserError(f"latents must have shape {tuple(shape)} (got {tuple(noise.shape)})")
     return noise
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache for command-line runs, so a second ``vldm generate`` reuses
+    the first one's compiled sampling loops. Folder: ``$VLDM_COMPILATION_CACHE`` (``0`` disables), else
+    ``$XDG_CACHE_HOME/vldm_jax/jax`` (``~/.cache/vldm_jax/jax``). A cache already configured is kept.
+    Returns the folder in use, or None."""
+    import os
+    from pathlib import Path
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    setting = os.environ.get("VLDM_COMPILATION_CACHE")
+    if setting == "0":
+        return None
+    folder = Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vldm_jax" / "jax"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # Cache every compiled program that took noticeable time; the sampling loops take seconds.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(folder)
