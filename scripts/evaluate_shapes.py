@@ -1,0 +1,198 @@
+"""Judges moving-shapes data and the bundled model's stages with the pixel judge (vldm_jax.eval.shapes).
+
+    python scripts/evaluate_shapes.py --real 120                       # rendered clips (the judge's own check)
+    python scripts/evaluate_shapes.py --vae runs/shapes/vae/export/vae  # VAE reconstructions of rendered clips
+    python scripts/evaluate_shapes.py --image runs/shapes/image/export/pipeline --seeds 2 --out runs/shapes/eval
+
+Rows (one per source), each judged against its prompt:
+
+- ``real``: rendered clips, all colour x shape x direction x speed combinations (the judge must be ~100 %).
+- ``real, frames shuffled``: the same clips with their frames in random order (direction/R² must fail: a
+  chance-level reference for "an image model has no motion").
+- ``vae``: rendered clips encoded and decoded frame by frame by a VAE (reconstruction MAE in [0, 1] too).
+- ``image``: images of the image LDM for every ``a {color} {shape} moving {direction}`` prompt (60) and each
+  seed; judged on colour and shape (an image has no direction). ``--out`` writes a PNG grid per seed.
+
+Video rows (text-to-video, prediction, interpolation) are added when those stages exist.
+``--json FILE`` writes the summaries (without per-item rows unless ``--rows``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vldm_jax.data.moving_shapes import COLORS, COMBINATIONS, DIRECTIONS, SHAPES, caption_for, render_clip
+from vldm_jax.eval.shapes import judge_many
+
+PROMPTS = [caption_for(c, s, d) for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
+
+
+def rendered(count: int, frames: int, size: int, seed: int = 0):
+    """``count`` clips cycling through every combination: (videos uint8 (N, F, H, W, 3), prompts)."""
+    videos, prompts = [], []
+    for i in range(count):
+        c, s, d, sp = COMBINATIONS[i % len(COMBINATIONS)]
+        clip = render_clip(c, s, d, sp, frames, size, np.random.default_rng([seed, i]))
+        videos.append(clip.frames)
+        prompts.append(caption_for(c, s, d, sp))
+    return np.stack(videos), prompts
+
+
+def shuffled(videos: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([v[rng.permutation(len(v))] for v in videos])
+
+
+def vae_reconstructions(folder: str, videos: np.ndarray, batch: int = 64):
+    """Frames encoded (posterior mean) and decoded by the VAE in ``folder``: float [0, 1], same shape."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vldm_jax.checkpoints.load import load_model
+
+    vae = load_model(folder)
+    graphdef, state = nnx.split(vae)
+
+    @jax.jit
+    def roundtrip(state, x):
+        model = nnx.merge(graphdef, state)
+        return jnp.clip(model.decode(model.encode(x).mode()) / 2 + 0.5, 0.0, 1.0)
+
+    frames = videos.reshape((-1,) + videos.shape[2:]).astype(np.float32) / 127.5 - 1.0
+    out = []
+    for i in range(0, len(frames), batch):
+        chunk = frames[i:i + batch]
+        pad = batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(roundtrip(state, jnp.asarray(chunk)))[:batch - pad])
+    return np.concatenate(out).reshape(videos.shape)
+
+
+def image_samples(folder: str, seeds: int, steps: int, guidance: float, scheduler: str):
+    """Images of the text-to-image pipeline in ``folder`` for every prompt and seed: (images (S, P, H, W, 3), prompts)."""
+    from vldm_jax.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    out = []
+    for seed in range(seeds):
+        out.append(pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed))
+    return np.stack(out), PROMPTS
+
+
+def grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """``(N, H, W, 3)`` -> one image, ``columns`` wide, with a 2-pixel grey border between cells."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    out = np.full((rows * (h + 2) + 2, columns * (w + 2) + 2, c), 0.35, np.float32)
+    for i, im in enumerate(images):
+        r, k = divmod(i, columns)
+        out[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = im
+    return out
+
+
+def table(rows: dict[str, dict]) -> str:
+    head = ("| source                       |    n |  ok % | colour % | shape % | direction % | R²≥0.8 % | R² mean |\n"
+            "|------------------------------|------|-------|----------|---------|-------------|----------|---------|")
+    lines = [head]
+    for name, s in rows.items():
+        video = s.get("video", True)
+
+        def pct(x, show=True):
+            return "-" if (not show or x is None or not np.isfinite(x)) else f"{100 * x:.1f}"
+
+        r2 = "-" if not video or not np.isfinite(s["r2_mean"]) else f"{s['r2_mean']:.2f}"
+        lines.append(f"| {name:<28} | {s['n']:4d} | {pct(s['ok']):>5} | {pct(s['color']):>8} | "
+                     f"{pct(s['shape']):>7} | {pct(s['direction'], video):>11} | {pct(s['r2_pass'], video):>8} | "
+                     f"{r2:>7} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--real", type=int, default=120, help="rendered clips to judge (0: none)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--vae", help="a VAE folder: judge its reconstructions of the rendered clips")
+    p.add_argument("--image", help="a text-to-image pipeline folder: judge its images for the 60 prompts")
+    p.add_argument("--seeds", type=int, default=2, help="image samples per prompt")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--out", help="folder for PNG grids / GIFs")
+    p.add_argument("--json", help="write the summaries here")
+    p.add_argument("--rows", action="store_true", help="include per-item rows in --json")
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    videos, prompts = rendered(max(args.real, 1), args.frames, args.size)
+    if args.real:
+        t = time.perf_counter()
+        results["real"] = judge_many(videos, prompts)
+        results["real, frames shuffled"] = judge_many(shuffled(videos), prompts)
+        timings["real"] = time.perf_counter() - t
+    if args.vae:
+        t = time.perf_counter()
+        rec = vae_reconstructions(args.vae, videos)
+        s = judge_many(rec, prompts)
+        s["mae"] = float(np.mean(np.abs(rec - videos.astype(np.float32) / 255)))
+        results["vae reconstructions"] = s
+        timings["vae"] = time.perf_counter() - t
+        if out:
+            from vldm_jax.io.video import write_image
+
+            pairs = np.concatenate([videos[:12, 0].astype(np.float32) / 255, rec[:12, 0]], axis=2)
+            write_image(out / "vae_reconstructions.png", grid(pairs, 3))
+    if args.image:
+        t = time.perf_counter()
+        images, image_prompts = image_samples(args.image, args.seeds, args.steps, args.guidance, args.scheduler)
+        flat = images.reshape((-1,) + images.shape[2:])
+        s = judge_many(flat, image_prompts * args.seeds)
+        s["video"] = False
+        # Per colour and per shape accuracy, and the confusions.
+        by = {}
+        for row in s["rows"]:
+            e = row["expected"]
+            for key in ("color", "shape"):
+                by.setdefault(f"{key}={e[key]}", []).append(row[f"{key}_ok"])
+        s["by_attribute"] = {k: float(np.mean(v)) for k, v in sorted(by.items())}
+        conf = {}
+        for row in s["rows"]:
+            k = f"{row['expected']['shape']}->{row['shape']}"
+            conf[k] = conf.get(k, 0) + 1
+        s["shape_confusion"] = conf
+        results["image LDM samples"] = s
+        timings["image"] = time.perf_counter() - t
+        if out:
+            from vldm_jax.io.video import write_image
+
+            for seed, ims in enumerate(images):
+                write_image(out / f"image_samples_seed{seed}.png", grid(ims, 12))
+
+    print(table(results))
+    for name, s in results.items():
+        extra = {k: s[k] for k in ("mae", "by_attribute", "shape_confusion", "direction_confusion") if k in s}
+        if extra:
+            print(f"{name}: {json.dumps(extra)}")
+    print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}", file=sys.stderr)
+    if args.json:
+        payload = {k: ({kk: vv for kk, vv in v.items() if kk != "rows"} if not args.rows else v)
+                   for k, v in results.items()}
+        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
