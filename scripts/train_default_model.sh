@@ -29,9 +29,12 @@ train_stage() {  # train_stage NAME CONFIG [vldm train options...]
     fi
     echo "[$name] training with $config in $RUNS/$name (log: $RUNS/$name.log)"
     # Appends, so the log of a resumed run keeps the earlier part.
-    nice -n "$NICE" "$PYTHON" -m vldm_jax.cli train "$config" --workdir "$RUNS/$name" "$@" >> "$RUNS/$name.log" 2>&1
+    local status=0
+    nice -n "$NICE" "$PYTHON" -m vldm_jax.cli train "$config" --workdir "$RUNS/$name" "$@" >> "$RUNS/$name.log" 2>&1 \
+        || status=$?
     if [ ! -e "$RUNS/$name/export" ]; then
-        echo "[$name] stopped before the end of training (see $RUNS/$name.log); run this script again to resume" >&2
+        echo "[$name] stopped before the end of training (exit status $status; see $RUNS/$name.log); run this" \
+             "script again to resume from the last checkpoint" >&2
         exit 1
     fi
     tail -n 1 "$RUNS/$name/metrics.jsonl" | cut -c1-200
