@@ -53,7 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--interpolate", type=int, default=1, help="temporal interpolation factor: 1, 4 or 16")
+    p.add_argument("--interpolate", type=int, default=None,
+                   help="temporal interpolation factor: 1, 4 or 16 (default: the model's)")
     p.add_argument("--upscale", action="store_true", help="run the video upsampler (x4 in space)")
     p.add_argument("--decode-chunk", type=int, default=8, help="frames decoded at a time")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -81,7 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="Video LDM: what should happen (e.g. 'a red circle moving right')")
     p.add_argument("--guidance", type=float, default=None, help="Video LDM: text guidance scale")
     p.add_argument("--context-guidance", type=float, default=1.0, help="Video LDM: guidance on the given frame")
-    p.add_argument("--interpolate", type=int, default=1, help="Video LDM: temporal interpolation factor 1, 4 or 16")
+    p.add_argument("--interpolate", type=int, default=None,
+                   help="Video LDM: temporal interpolation factor 1, 4 or 16 (default: the model's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints (trusted files only)")
     p.add_argument("--out", default="video.mp4", help="output video (.gif, .mp4, .webm, .webp)")
     p.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's, 14 or 25)")
@@ -196,7 +198,7 @@ def _cmd_animate(args) -> int:
             raise UserError(f"{name} must be at least {low} (got {value})")
     if args.noise_aug < 0:
         raise UserError(f"--noise-aug must not be negative (got {args.noise_aug})")
-    if args.interpolate not in (1, 4, 16):
+    if args.interpolate is not None and args.interpolate not in (1, 4, 16):
         raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
     video_ldm = _is_video_ldm(args.checkpoint)
     for name, value in (("--height", args.height), ("--width", args.width)):
@@ -276,7 +278,8 @@ def _animate_video_ldm(args, image, out) -> int:
                          guidance_scale=args.guidance, context_guidance_scale=args.context_guidance,
                          interpolate=args.interpolate, decode_chunk_size=args.decode_chunk, seed=args.seed,
                          progress=True)
-    fps = args.fps if args.fps else pipe.default("fps", 8) * args.interpolate
+    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
+    fps = args.fps if args.fps else pipe.default("fps", 8) * factor
     write_video(out, video, fps=fps)
     print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -291,7 +294,7 @@ def _cmd_generate(args) -> int:
     out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
     _check_positive(("--frames", args.frames), ("--steps", args.steps), ("--decode-chunk", args.decode_chunk),
                     ("--height", args.height), ("--width", args.width))
-    if args.interpolate not in INTERPOLATE_CHOICES:
+    if args.interpolate is not None and args.interpolate not in INTERPOLATE_CHOICES:
         raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
     if args.fps is not None and args.fps <= 0:
         raise UserError(f"--fps must be positive (got {args.fps})")
@@ -301,7 +304,8 @@ def _cmd_generate(args) -> int:
                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                  scheduler=args.scheduler, interpolate=args.interpolate, upscale=args.upscale,
                  decode_chunk_size=args.decode_chunk, seed=args.seed, progress=True)[0]
-    fps = args.fps if args.fps else pipe.default("fps", 8) * args.interpolate
+    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
+    fps = args.fps if args.fps else pipe.default("fps", 8) * factor
     write_video(out, video, fps=fps)
     print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)

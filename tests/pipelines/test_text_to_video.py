@@ -245,3 +245,17 @@ def test_cascade_with_upsampler(tmp_path):
     video2 = again("a red circle moving right", num_frames=2, interpolate=4, num_inference_steps=2, upscale=True,
                    upscale_kwargs={"num_inference_steps": 2})
     np.testing.assert_allclose(video2, video, atol=1e-5)
+
+
+def test_one_network_in_two_roles_is_saved_once(pipe, tmp_path):
+    import json
+
+    from vldm_jax.pipelines.text_to_video import TextToVideoPipeline
+
+    both = video_unet("temporal", 11)
+    shared = TextToVideoPipeline(both, pipe.vae, pipe.text_encoder, pipe.tokenizer, SCHEDULER, predictor=both)
+    shared.save_pretrained(tmp_path / "shared")
+    index = json.loads((tmp_path / "shared" / "model_index.json").read_text())
+    assert index["predictor"] == ["alias", "unet"] and not (tmp_path / "shared" / "predictor").exists()
+    again = TextToVideoPipeline.from_pretrained(tmp_path / "shared")
+    assert again.predictor is again.unet

@@ -91,8 +91,17 @@ class TextToVideoPipeline:
                 raise CheckpointError(f"{folder}: pipeline has no {part}/ component")
         parts = {}
         for part in _MODEL_PARTS:
-            if index.get(part) and (folder / part).is_dir():
+            entry = index.get(part)
+            if isinstance(entry, list) and entry[:1] == ["alias"]:  # one network serving two roles
+                continue
+            if entry and (folder / part).is_dir():
                 parts[part] = load_model(folder / part, allow_pickle=allow_pickle, dtype=dtype)
+        for part in _MODEL_PARTS:
+            entry = index.get(part)
+            if isinstance(entry, list) and entry[:1] == ["alias"]:
+                if len(entry) != 2 or entry[1] not in parts:
+                    raise CheckpointError(f"{folder}: model_index.json: {part} is an alias of a missing part {entry}")
+                parts[part] = parts[entry[1]]
         tok = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
         scheduler_config = read_config_file(folder / "scheduler" / "scheduler_config.json")
         up = None
@@ -111,11 +120,16 @@ class TextToVideoPipeline:
         with atomic_folder(dst, overwrite=overwrite) as tmp:
             index = {"_class_name": CLASS_NAME, "_vldm_format": 1, "_vldm_clip_skip": self.clip_skip,
                      "_vldm_defaults": self.defaults}
+            written = {}
             for name in _MODEL_PARTS:
                 module = getattr(self, name)
                 if module is None:
                     index[name] = None
                     continue
+                if id(module) in written:  # e.g. the key-frame model that is also the prediction model
+                    index[name] = ["alias", written[id(module)]]
+                    continue
+                written[id(module)] = name
                 (tmp / name).mkdir()
                 save_module(module, tmp / name)
                 index[name] = ["vldm_jax", type(module).__name__]
@@ -191,7 +205,7 @@ class TextToVideoPipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 scheduler: str = "ddim", interpolate: int = 1, interpolation_steps: int | None = None,
+                 scheduler: str = "ddim", interpolate: int | None = None, interpolation_steps: int | None = None,
                  interpolation_window: int | None = None, decode_chunk_size: int | None = 8,
                  upscale: bool = False, upscale_kwargs: dict | None = None, seed: int = 0, latents=None,
                  progress: bool = False, return_latents: bool = False):
@@ -202,6 +216,9 @@ class TextToVideoPipeline:
         ``(B, F, h, w, C)``. ``return_latents``: also return the final latents before decoding.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        interpolate = self.default("interpolate", 1) if interpolate is None else interpolate
+        if interpolation_window is None:
+            interpolation_window = self.default("interpolation_window", None)
         steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         self._check_common(steps, scheduler, interpolate)
@@ -243,7 +260,7 @@ class TextToVideoPipeline:
     def animate(self, image, prompt: str = "", negative_prompt: str | None = None, *, num_frames: int | None = None,
                 window: int | None = None, num_context: int = 1, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, context_guidance_scale: float = 1.0, scheduler: str = "ddim",
-                interpolate: int = 1, decode_chunk_size: int | None = 8, upscale: bool = False, seed: int = 0,
+                interpolate: int | None = None, decode_chunk_size: int | None = 8, upscale: bool = False, seed: int = 0,
                 progress: bool = False) -> np.ndarray:
         """An image (``(H, W, 3)`` uint8 or float in [0, 1], or a list of 1-2 such frames) -> video
         ``(F, H, W, 3)`` in [0, 1] whose first frame is the image after a VAE round trip.
@@ -253,6 +270,7 @@ class TextToVideoPipeline:
         window's context."""
         if self.predictor is None:
             raise UserError("this pipeline has no prediction model (cannot animate images)")
+        interpolate = self.default("interpolate", 1) if interpolate is None else interpolate
         frames = [image] if np.asarray(image).ndim == 3 else list(image)
         if not 1 <= len(frames) <= 2:
             raise UserError(f"animate takes 1 or 2 context frames (got {len(frames)})")
@@ -287,6 +305,7 @@ class TextToVideoPipeline:
             for p in range(passes):
                 latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
                                              key=jax.random.fold_in(key, 100 + p), steps=steps, scheduler=scheduler,
+                                             window_keyframes=self.default("interpolation_window", None),
                                              guidance_scale=guidance, progress=True)
             video = np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
         if upscale:
