@@ -148,3 +148,26 @@ def test_setup_errors_name_the_problem(vae_run):
     with pytest.raises(ConfigError, match="vocab_size"):
         build_setup(stage_config("image", {}, {"pretrained": vae_dir, "unet": TINY_UNET,
                                                "text_encoder": {**TINY_TEXT, "vocab_size": 100}}, steps=1))
+
+
+def test_decoder_finetune_keeps_the_latent_space(tmp_path, vae_run, arrays):
+    vae_dir = vae_run[0] / "export" / "vae"
+    before = load_model(vae_dir)
+    config = stage_config("vae", {"trainable": "decoder", "latent_noise": 0.5}, {"pretrained": str(vae_dir)},
+                          steps=3)
+    result = train(config, data=ArrayBatches(arrays, 4, seed=0), workdir=tmp_path, echo=lambda m: None)
+    trained = {".".join(str(getattr(k, "key", k)) for k in p[:2])
+               for p, _ in jax.tree_util.tree_flatten_with_path(result.state.trainable)[0]}
+    assert trained == {"vae.decoder", "vae.post_quant_conv"}, trained
+    after = load_model(tmp_path / "export" / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    x = jnp.asarray(arrays["video"][:2, 0], jnp.float32) / 127.5 - 1
+    np.testing.assert_array_equal(np.asarray(after.encode(x).mean), np.asarray(before.encode(x).mean))
+    assert not np.allclose(np.asarray(after.decode(before.encode(x).mean)),
+                           np.asarray(before.decode(before.encode(x).mean)))
+    from vldm_jax.train.objectives import build_setup
+
+    with pytest.raises(ConfigError, match="trainable must be all or decoder"):
+        build_setup(stage_config("vae", {"trainable": "encoder"}, {"vae": TINY_VAE}, steps=1))
+    with pytest.raises(ConfigError, match="sample_posterior must be true or false"):
+        build_setup(stage_config("vae", {"sample_posterior": "maybe"}, {"vae": TINY_VAE}, steps=1))

@@ -12,7 +12,9 @@ These build the first half of a small Video LDM (the bundled moving-shapes model
     ``∇`` are horizontal and vertical finite differences (a perceptual-free edge term for sharp outlines); the KL
     is the LDM one (sum over latents, divided by the pixel count so the weight reads like LDM's ``kl_weight``).
     At the end the latent std is measured on training frames and ``scaling_factor = 1 / std`` goes into the saved
-    config: the diffusion model then sees latents of unit scale.
+    config: the diffusion model then sees latents of unit scale. With ``trainable: decoder`` (and
+    ``model.pretrained``) only the decoder fine-tunes, on latents with extra noise (``latent_noise``), with the
+    encoder, the latent space and the scaling factor unchanged: a decoder that tolerates a sampler's latent errors.
 
 ``image`` (:func:`build_image_setup`)
     An image LDM: a standard :class:`~vldm_jax.models.unet.UNet2DConditionModel` (``model.unet``) on the latents of
@@ -50,9 +52,18 @@ def _options(cls, options: Mapping[str, Any], where: str):
     if unknown:
         raise ConfigError(f"unknown objective.options key {unknown[0]!r} for objective {where!r} "
                           f"(known: {', '.join(names)})")
+    def coerce(key, value):
+        default = getattr(cls, key)
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+            return value
+        return type(default)(value)
+
     try:
-        return cls(**{k: type(getattr(cls, k))(v) if not isinstance(getattr(cls, k), bool) else bool(v)
-                      for k, v in options.items()})
+        return cls(**{k: coerce(k, v) for k, v in options.items()})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"objective.options for {where!r}: {e}") from None
 
@@ -92,6 +103,17 @@ class VAEOptions:
     sample_posterior: bool = True
     # Batches of training data whose posterior samples give the latent std (scaling_factor = 1 / std).
     std_batches: int = 8
+    # "all", or "decoder": fine-tune the decoder (and post_quant_conv) of model.pretrained with the encoder
+    # frozen, so the latent space (and the LDM trained on it) stays valid; the scaling_factor is kept.
+    trainable: str = "all"
+    # Extra Gaussian noise on the latents the decoder sees, std drawn per image from U(0, latent_noise) (raw
+    # latent units): a decoder that has seen only near-exact posterior samples turns a diffusion sampler's
+    # small latent errors into coloured texture; this teaches it to map nearby latents to clean frames.
+    latent_noise: float = 0.0
+
+    def __post_init__(self):
+        if self.trainable not in ("all", "decoder"):
+            raise ConfigError(f"objective.options.trainable must be all or decoder (got {self.trainable!r})")
 
 
 class VAEModels(nnx.Module):
@@ -134,7 +156,14 @@ class VAEObjective:
 
     @property
     def trainable_filter(self):
-        return _path_filter(("vae",))
+        if self.options.trainable == "all":
+            return _path_filter(("vae",))
+
+        def keep(path, value) -> bool:
+            return (isinstance(value, nnx.Param) and len(path) > 1 and path[0] == "vae"
+                    and path[1] in ("decoder", "post_quant_conv"))
+
+        return keep
 
     def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k in ("video", "image")}
@@ -144,8 +173,14 @@ class VAEObjective:
 
     def loss(self, model: VAEModels, batch, key):
         x = _images(batch)
+        k_post, k_sigma, k_noise = jax.random.split(key, 3)
         posterior = model.vae.encode(x)
-        z = posterior.sample(key) if self.options.sample_posterior else posterior.mode()
+        z = posterior.sample(k_post) if self.options.sample_posterior else posterior.mode()
+        if self.options.trainable == "decoder":
+            z = jax.lax.stop_gradient(z)
+        if self.options.latent_noise > 0:
+            sigma = jax.random.uniform(k_sigma, (z.shape[0], 1, 1, 1), maxval=self.options.latent_noise)
+            z = z + sigma * jax.random.normal(k_noise, z.shape, z.dtype)
         rec = model.vae.decode(z)
         rec_loss, metrics = vae_reconstruction_loss(x, rec, self.options)
         kl = jnp.mean(posterior.kl()) / float(np.prod(x.shape[1:]))
@@ -181,14 +216,18 @@ class VAEObjective:
         from vldm_jax.checkpoints.store import atomic_folder, save_module
 
         vae = _merged(graphdef, state).vae
-        batches = [next(data) for _ in range(max(1, self.options.std_batches))]
-        std, mean = self.latent_std(vae, batches)
-        vae.config = dataclasses.replace(vae.config, scaling_factor=float(1.0 / std))
         dst = Path(workdir) / "export" / "vae"
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if self.options.trainable == "decoder":
+            note = f"encoder unchanged: scaling_factor {vae.config.scaling_factor:.4f} kept"
+        else:
+            batches = [next(data) for _ in range(max(1, self.options.std_batches))]
+            std, mean = self.latent_std(vae, batches)
+            vae.config = dataclasses.replace(vae.config, scaling_factor=float(1.0 / std))
+            note = f"latent std {std:.4f}, mean {mean:+.4f}: scaling_factor {1.0 / std:.4f}"
         with atomic_folder(dst, overwrite=True) as tmp:
             save_module(vae, tmp)
-        say(f"wrote the VAE to {dst} (latent std {std:.4f}, mean {mean:+.4f}: scaling_factor {1.0 / std:.4f})")
+        say(f"wrote the VAE to {dst} ({note})")
         return dst
 
 
