@@ -50,8 +50,9 @@ def shuffled(videos: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.stack([v[rng.permutation(len(v))] for v in videos])
 
 
-def vae_reconstructions(folder: str, videos: np.ndarray, batch: int = 64):
-    """Frames encoded (posterior mean) and decoded by the VAE in ``folder``: float [0, 1], same shape."""
+def vae_reconstructions(folder: str, videos: np.ndarray, batch: int = 64, noise: float = 0.0):
+    """Frames encoded (posterior mean) and decoded by the VAE in ``folder``: float [0, 1], same shape. ``noise``:
+    std of Gaussian noise added to the latents in scaled units (``scaling_factor`` x raw, what an LDM sees)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -62,9 +63,11 @@ def vae_reconstructions(folder: str, videos: np.ndarray, batch: int = 64):
     graphdef, state = nnx.split(vae)
 
     @jax.jit
-    def roundtrip(state, x):
+    def roundtrip(state, x, key):
         model = nnx.merge(graphdef, state)
-        return jnp.clip(model.decode(model.encode(x).mode()) / 2 + 0.5, 0.0, 1.0)
+        z = model.encode(x).mode()
+        z = z + (noise / model.config.scaling_factor) * jax.random.normal(key, z.shape)
+        return jnp.clip(model.decode(z) / 2 + 0.5, 0.0, 1.0)
 
     frames = videos.reshape((-1,) + videos.shape[2:]).astype(np.float32) / 127.5 - 1.0
     out = []
@@ -73,15 +76,21 @@ def vae_reconstructions(folder: str, videos: np.ndarray, batch: int = 64):
         pad = batch - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(roundtrip(state, jnp.asarray(chunk)))[:batch - pad])
+        out.append(np.asarray(roundtrip(state, jnp.asarray(chunk), jax.random.key(i)))[:batch - pad])
     return np.concatenate(out).reshape(videos.shape)
 
 
-def image_samples(folder: str, seeds: int, steps: int, guidance: float, scheduler: str):
-    """Images of the text-to-image pipeline in ``folder`` for every prompt and seed: (images (S, P, H, W, 3), prompts)."""
+def image_samples(folder: str, seeds: int, steps: int, guidance: float, scheduler: str, vae: str | None = None):
+    """Images of the text-to-image pipeline in ``folder`` for every prompt and seed: (images (S, P, H, W, 3),
+    prompts); ``vae``: another VAE folder to decode with (a fine-tuned decoder of the same encoder)."""
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(folder)
+    if vae:
+        from vldm_jax.checkpoints.load import load_model
+
+        other = load_model(vae)
+        pipe = TextToImagePipeline(pipe.unet, other, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config)
     out = []
     for seed in range(seeds):
         out.append(pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed))
@@ -123,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--vae", help="a VAE folder: judge its reconstructions of the rendered clips")
     p.add_argument("--image", help="a text-to-image pipeline folder: judge its images for the 60 prompts")
+    p.add_argument("--vae-noise", type=float, default=0.0,
+                   help="also judge --vae reconstructions of latents with this much noise (scaled units)")
+    p.add_argument("--image-vae", help="decode --image samples with this VAE folder instead of the pipeline's")
     p.add_argument("--seeds", type=int, default=2, help="image samples per prompt")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0)
@@ -149,6 +161,15 @@ def main(argv=None) -> int:
         s = judge_many(rec, prompts)
         s["mae"] = float(np.mean(np.abs(rec - videos.astype(np.float32) / 255)))
         results["vae reconstructions"] = s
+        if args.vae_noise > 0:
+            noisy = vae_reconstructions(args.vae, videos, noise=args.vae_noise)
+            s = judge_many(noisy, prompts)
+            s["mae"] = float(np.mean(np.abs(noisy - videos.astype(np.float32) / 255)))
+            results[f"vae, latent noise {args.vae_noise:g}"] = s
+            if out:
+                from vldm_jax.io.video import write_image
+
+                write_image(out / "vae_noisy_latents.png", grid(noisy[:12, 0], 4))
         timings["vae"] = time.perf_counter() - t
         if out:
             from vldm_jax.io.video import write_image
@@ -157,7 +178,8 @@ def main(argv=None) -> int:
             write_image(out / "vae_reconstructions.png", grid(pairs, 3))
     if args.image:
         t = time.perf_counter()
-        images, image_prompts = image_samples(args.image, args.seeds, args.steps, args.guidance, args.scheduler)
+        images, image_prompts = image_samples(args.image, args.seeds, args.steps, args.guidance, args.scheduler,
+                                              args.image_vae)
         flat = images.reshape((-1,) + images.shape[2:])
         s = judge_many(flat, image_prompts * args.seeds)
         s["video"] = False
@@ -173,7 +195,7 @@ def main(argv=None) -> int:
             k = f"{row['expected']['shape']}->{row['shape']}"
             conf[k] = conf.get(k, 0) + 1
         s["shape_confusion"] = conf
-        results["image LDM samples"] = s
+        results["image LDM samples" + (" (other VAE)" if args.image_vae else "")] = s
         timings["image"] = time.perf_counter() - t
         if out:
             from vldm_jax.io.video import write_image

@@ -11,6 +11,8 @@
 # Stages and what they write (see docs/default_model.md for wall times and measured quality):
 #   vae     configs/shapes/vae.yaml    -> runs/shapes/vae/export/vae             (AutoencoderKL, 64x64 -> 16x16x4)
 #   image   configs/shapes/image.yaml  -> runs/shapes/image/export/pipeline      (image LDM + text encoder)
+#   decoder configs/shapes/vae_decoder.yaml -> runs/shapes/vae_decoder/export/vae (decoder fine-tuned on noisy
+#           latents; same encoder and scaling_factor, so it replaces the pipeline's VAE)
 #   temporal, prediction, interpolation: not yet in this script (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,10 @@ run_stage() {
         image)
             [ -e "$RUNS/vae/export/vae" ] || { echo "[image] needs the vae stage first" >&2; exit 1; }
             train_stage image configs/shapes/image.yaml --set "model.pretrained=$RUNS/vae/export/vae" ;;
+        decoder)
+            # Needs only the vae stage (the encoder stays frozen), so it may also run beside image.
+            [ -e "$RUNS/vae/export/vae" ] || { echo "[decoder] needs the vae stage first" >&2; exit 1; }
+            train_stage vae_decoder configs/shapes/vae_decoder.yaml --set "model.pretrained=$RUNS/vae/export/vae" ;;
         temporal)
             # PLACEHOLDER (coordinator): temporal layers on 16-frame clips with the image layers frozen,
             # text cross-attention in the temporal layers; model.pretrained=$RUNS/image/export/pipeline.
@@ -61,14 +67,14 @@ run_stage() {
         interpolation)
             not_yet interpolation "the interpolation model" ;;
         *)
-            echo "unknown stage $1 (stages: vae image temporal prediction interpolation)" >&2
+            echo "unknown stage $1 (stages: vae image decoder temporal prediction interpolation)" >&2
             exit 2 ;;
     esac
 }
 
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
-    STAGES=(vae image temporal prediction interpolation)
+    STAGES=(vae image decoder temporal prediction interpolation)
 fi
 for stage in "${STAGES[@]}"; do
     run_stage "$stage"
