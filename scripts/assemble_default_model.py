@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULTS = {"num_frames": 5, "interpolate": 4, "interpolation_window": 3, "num_inference_steps": 25,
+            "interpolation_guidance_scale": 1.0,
             "guidance_scale": 3.0, "fps": 4, "height": 64, "width": 64}
 
 

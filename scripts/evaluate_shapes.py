@@ -13,7 +13,13 @@ Rows (one per source), each judged against its prompt:
 - ``image``: images of the image LDM for every ``a {color} {shape} moving {direction}`` prompt (60) and each
   seed; judged on colour and shape (an image has no direction). ``--out`` writes a PNG grid per seed.
 
-Video rows (text-to-video, prediction, interpolation) are added when those stages exist.
+- ``image LDM, frames independent`` (``--independent``): each prompt sampled ``--video-frames`` times by the image
+  pipeline with different seeds and stacked as a video (the paper's image-only baseline: no temporal layers, so
+  the direction is chance).
+- ``Video LDM keyframes`` / ``Video LDM keyframes + interpolation x4`` (``--video``): the Video LDM pipeline for
+  every prompt and seed (the keyframes are frames 0, 4, 8, ... of the interpolated video: the same sample).
+- ``Video LDM animate (drawn first frame)`` (``--video``): the first frame of a rendered clip of the prompt's
+  colour, shape and direction, animated by the prediction model with the prompt.
 ``--json FILE`` writes the summaries (without per-item rows unless ``--rows``).
 """
 
@@ -97,6 +103,37 @@ def image_samples(folder: str, seeds: int, steps: int, guidance: float, schedule
     return np.stack(out), PROMPTS
 
 
+def independent_frames(folder: str, frames: int, seed: int, steps: int, guidance: float, scheduler: str):
+    """The image-only baseline: every prompt sampled ``frames`` times (seeds ``seed*frames + k``), as videos
+    ``(P, F, H, W, 3)``."""
+    from vldm_jax.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    shots = [pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
+                  seed=1000 + seed * frames + k) for k in range(frames)]
+    return np.stack(shots, axis=1)
+
+
+def video_samples(folder: str | None, seed: int, steps: int | None, scheduler: str):
+    """Text-to-video with interpolation (x4) and animate for every prompt: (videos (P, F, H, W, 3) float,
+    animated (P, F', H, W, 3) float, first frames uint8 (P, H, W, 3))."""
+    from vldm_jax.pipelines.text_to_video import TextToVideoPipeline, default_checkpoint
+
+    pipe = TextToVideoPipeline.from_pretrained(folder or default_checkpoint())
+    factor = pipe.default("interpolate", 1)
+    videos = pipe(PROMPTS, num_inference_steps=steps, scheduler=scheduler, seed=seed, interpolate=factor)
+    window = pipe.default("num_frames", 5)
+    rng = np.random.default_rng([7, seed])
+    firsts, animated = [], []
+    for prompt in PROMPTS:
+        e = prompt.split()
+        clip = render_clip(e[1], e[2], e[4], ["slow", "fast"][int(rng.integers(2))], window, videos.shape[2], rng)
+        firsts.append(clip.frames[0])
+        animated.append(pipe.animate(clip.frames[0], prompt, num_inference_steps=steps, scheduler=scheduler,
+                                     seed=seed, interpolate=factor))
+    return videos, np.stack(animated), np.stack(firsts), factor
+
+
 def grid(images: np.ndarray, columns: int) -> np.ndarray:
     """``(N, H, W, 3)`` -> one image, ``columns`` wide, with a 2-pixel grey border between cells."""
     n, h, w, c = images.shape
@@ -136,6 +173,12 @@ def main(argv=None) -> int:
                    help="also judge --vae reconstructions of latents with this much noise (scaled units)")
     p.add_argument("--image-vae", help="decode --image samples with this VAE folder instead of the pipeline's")
     p.add_argument("--seeds", type=int, default=2, help="image samples per prompt")
+    p.add_argument("--independent", help="a text-to-image pipeline folder: the image-only video baseline")
+    p.add_argument("--video", nargs="?", const="default", default=None,
+                   help="a Video LDM pipeline folder (no value: the bundled default model): text-to-video, "
+                        "interpolation and animate rows")
+    p.add_argument("--video-seeds", type=int, default=1, help="videos per prompt")
+    p.add_argument("--video-frames", type=int, default=5, help="frames of the image-only baseline")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--scheduler", default="ddim")
@@ -202,6 +245,40 @@ def main(argv=None) -> int:
 
             for seed, ims in enumerate(images):
                 write_image(out / f"image_samples_seed{seed}.png", grid(ims, 12))
+
+    if args.independent:
+        t = time.perf_counter()
+        vids = np.concatenate([independent_frames(args.independent, args.video_frames, s, args.steps, args.guidance,
+                                                  args.scheduler) for s in range(args.video_seeds)])
+        results["image LDM, frames independent"] = judge_many(vids, PROMPTS * args.video_seeds)
+        timings["independent"] = time.perf_counter() - t
+        if out:
+            from vldm_jax.io.video import write_video
+
+            write_video(out / "independent_red_circle_right.gif", vids[PROMPTS.index("a red circle moving right")],
+                        fps=4)
+    if args.video:
+        from vldm_jax.io.video import write_video
+
+        t = time.perf_counter()
+        folder = None if args.video == "default" else args.video
+        runs = [video_samples(folder, s, None, args.scheduler) for s in range(args.video_seeds)]
+        factor = runs[0][3]
+        videos = np.concatenate([r[0] for r in runs])
+        animated = np.concatenate([r[1] for r in runs])
+        prompts_all = PROMPTS * args.video_seeds
+        results["Video LDM keyframes"] = judge_many(videos[:, ::factor], prompts_all)
+        if factor > 1:
+            results[f"Video LDM keyframes + interpolation x{factor}"] = judge_many(videos, prompts_all)
+        results["Video LDM animate (drawn first frame)"] = judge_many(animated, prompts_all)
+        timings["video"] = time.perf_counter() - t
+        if out:
+            for name in ("a red circle moving right", "a blue square moving up", "a yellow triangle moving left",
+                         "a white circle moving down", "a green square moving left"):
+                i = PROMPTS.index(name)
+                slug = name.replace("a ", "", 1).replace(" moving ", "_").replace(" ", "_")
+                write_video(out / f"t2v_{slug}.gif", videos[i], fps=4 * factor)
+                write_video(out / f"animate_{slug}.gif", animated[i], fps=4 * factor)
 
     print(table(results))
     for name, s in results.items():

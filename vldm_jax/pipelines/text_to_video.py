@@ -221,6 +221,7 @@ class TextToVideoPipeline:
             interpolation_window = self.default("interpolation_window", None)
         steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        interp_guidance = self.default("interpolation_guidance_scale", guidance)
         self._check_common(steps, scheduler, interpolate)
         if num_frames is None:
             num_frames = self.default("num_frames", getattr(self.unet.config, "num_frames", 8))
@@ -236,7 +237,7 @@ class TextToVideoPipeline:
         from vldm_jax.pipelines.common import initial_noise
 
         noise = initial_noise(latents, shape, jax.random.fold_in(key, 0))
-        text, null_text = self._texts(prompts, negative_prompt, guidance != 1.0)
+        text, null_text = self._texts(prompts, negative_prompt, guidance != 1.0 or interp_guidance != 1.0)
         interp_steps = steps if interpolation_steps is None else interpolation_steps
         total = steps + passes * interp_steps
         with denoising_bar(total, progress):
@@ -247,7 +248,7 @@ class TextToVideoPipeline:
                 frames_latents = stages.interpolate(
                     self._samplers["interpolator"], frames_latents, text, null_text,
                     key=jax.random.fold_in(key, 100 + p), window_keyframes=interpolation_window, steps=interp_steps,
-                    scheduler=scheduler, guidance_scale=guidance, progress=True)
+                    scheduler=scheduler, guidance_scale=interp_guidance, progress=True)
             frames = np.asarray(self.codec.decode(frames_latents, chunk=decode_chunk_size), np.float32)
         if upscale:
             if self.upsampler is None:
@@ -279,6 +280,7 @@ class TextToVideoPipeline:
         self._size(h, w)
         steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        interp_guidance = self.default("interpolation_guidance_scale", guidance)
         self._check_common(steps, scheduler, interpolate)
         window = window or self.default("num_frames", getattr(self.predictor.config, "num_frames", 8))
         num_frames = window if num_frames is None else num_frames
@@ -290,7 +292,7 @@ class TextToVideoPipeline:
         passes = self._interpolation_passes(interpolate)
         key = jax.random.key(seed)
         context = self.codec.encode(pixels)
-        text, null_text = self._texts([prompt], negative_prompt, guidance != 1.0)
+        text, null_text = self._texts([prompt], negative_prompt, guidance != 1.0 or interp_guidance != 1.0)
         windows = 0
         have = context.shape[1]
         while have < num_frames:
@@ -306,7 +308,7 @@ class TextToVideoPipeline:
                 latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
                                              key=jax.random.fold_in(key, 100 + p), steps=steps, scheduler=scheduler,
                                              window_keyframes=self.default("interpolation_window", None),
-                                             guidance_scale=guidance, progress=True)
+                                             guidance_scale=interp_guidance, progress=True)
             video = np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
         if upscale:
             if self.upsampler is None:
@@ -331,16 +333,18 @@ class TextToVideoPipeline:
         self._size(frames.shape[2], frames.shape[3])
         steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        interp_guidance = (self.default("interpolation_guidance_scale", guidance) if guidance_scale is None
+                           else guidance_scale)
         self._check_common(steps, scheduler, factor)
         window = window_keyframes or self.default("interpolation_window", None)
         key = jax.random.key(seed)
         latents = self.codec.encode(frames)
-        text, null_text = self._texts([prompt], None, guidance != 1.0)
+        text, null_text = self._texts([prompt], None, guidance != 1.0 or interp_guidance != 1.0)
         with denoising_bar(passes * steps, progress):
             for p in range(passes):
                 latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
                                              key=jax.random.fold_in(key, p), window_keyframes=window, steps=steps,
-                                             scheduler=scheduler, guidance_scale=guidance, progress=True)
+                                             scheduler=scheduler, guidance_scale=interp_guidance, progress=True)
             return np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
 
 
