@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/shapes")
     p.add_argument("--out", default=str(ROOT / "vldm_jax" / "assets" / "default_model"))
+    p.add_argument("--image-vae", action="store_true", help="keep the image stage's VAE (ignore vae_decoder)")
     args = p.parse_args(argv)
     runs = Path(args.runs)
 
@@ -44,6 +45,13 @@ def main(argv=None) -> int:
     from vldm_jax.pipelines.text_to_video import TextToVideoPipeline
 
     image = TextToImagePipeline.from_pretrained(runs / "image" / "export" / "pipeline")
+    vae = image.vae
+    decoder = runs / "vae_decoder" / "export" / "vae"
+    if decoder.exists() and not args.image_vae:  # the decoder fine-tuned on noisy latents (same encoder)
+        from vldm_jax.checkpoints.load import load_model
+
+        vae = load_model(decoder)
+        print(f"VAE: {decoder}")
     keyframes = video_unet(image.unet, ROOT / "configs/shapes/video.yaml", runs / "video" / "temporal.safetensors", 0)
     interpolator = None
     interp_file = runs / "interpolation" / "temporal.safetensors"
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
     defaults = dict(DEFAULTS)
     if interpolator is None:
         defaults["interpolate"] = 1
-    pipe = TextToVideoPipeline(keyframes, image.vae, image.text_encoder, image.tokenizer, image.scheduler_config,
+    pipe = TextToVideoPipeline(keyframes, vae, image.text_encoder, image.tokenizer, image.scheduler_config,
                                interpolator=interpolator, predictor=keyframes, clip_skip=image.clip_skip,
                                defaults=defaults)
     pipe.save_pretrained(args.out, overwrite=True)

@@ -13,7 +13,9 @@
 #   image   configs/shapes/image.yaml  -> runs/shapes/image/export/pipeline      (image LDM + text encoder)
 #   decoder configs/shapes/vae_decoder.yaml -> runs/shapes/vae_decoder/export/vae (decoder fine-tuned on noisy
 #           latents; same encoder and scaling_factor, so it replaces the pipeline's VAE)
-#   temporal, prediction, interpolation: not yet in this script (see below).
+#   video   configs/shapes/video.yaml  -> runs/shapes/video/temporal.safetensors (key-frame + prediction model)
+#   interpolation configs/shapes/interpolation.yaml -> runs/shapes/interpolation/temporal.safetensors (x4)
+#   assemble  scripts/assemble_default_model.py -> vldm_jax/assets/default_model (the shipped pipeline folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +27,9 @@ mkdir -p "$RUNS"
 train_stage() {  # train_stage NAME CONFIG [vldm train options...]
     local name=$1 config=$2
     shift 2
-    if [ -e "$RUNS/$name/export" ]; then
-        echo "[$name] done: $RUNS/$name/export exists (delete it to retrain)"
+    local done_path="$RUNS/$name/${DONE:-export}"
+    if [ -e "$done_path" ]; then
+        echo "[$name] done: $done_path exists (delete it to retrain)"
         return 0
     fi
     echo "[$name] training with $config in $RUNS/$name (log: $RUNS/$name.log)"
@@ -34,17 +37,12 @@ train_stage() {  # train_stage NAME CONFIG [vldm train options...]
     local status=0
     nice -n "$NICE" "$PYTHON" -m vldm_jax.cli train "$config" --workdir "$RUNS/$name" "$@" >> "$RUNS/$name.log" 2>&1 \
         || status=$?
-    if [ ! -e "$RUNS/$name/export" ]; then
+    if [ ! -e "$done_path" ]; then
         echo "[$name] stopped before the end of training (exit status $status; see $RUNS/$name.log); run this" \
              "script again to resume from the last checkpoint" >&2
         exit 1
     fi
     tail -n 1 "$RUNS/$name/metrics.jsonl" | cut -c1-200
-}
-
-not_yet() {  # a stage the recipe will have, not trained by this script yet
-    echo "[$1] not implemented in this recipe yet: $2" >&2
-    exit 3
 }
 
 run_stage() {
@@ -58,23 +56,29 @@ run_stage() {
             # Needs only the vae stage (the encoder stays frozen), so it may also run beside image.
             [ -e "$RUNS/vae/export/vae" ] || { echo "[decoder] needs the vae stage first" >&2; exit 1; }
             train_stage vae_decoder configs/shapes/vae_decoder.yaml --set "model.pretrained=$RUNS/vae/export/vae" ;;
-        temporal)
-            # PLACEHOLDER (coordinator): temporal layers on 16-frame clips with the image layers frozen,
-            # text cross-attention in the temporal layers; model.pretrained=$RUNS/image/export/pipeline.
-            not_yet temporal "temporal layers on $RUNS/image/export/pipeline (configs/shapes/temporal.yaml)" ;;
-        prediction)
-            not_yet prediction "the prediction model (1-2 context frames)" ;;
+        video)
+            # Key-frame + prediction model: temporal layers (text cross-attention) and the paper's context
+            # encoder on the frozen image LDM, 5-frame clips with 0 (text-to-video), 1 or 2 given frames.
+            [ -e "$RUNS/image/export/pipeline" ] || { echo "[video] needs the image stage first" >&2; exit 1; }
+            DONE=temporal.safetensors train_stage video configs/shapes/video.yaml \
+                --set "model.pretrained=$RUNS/image/export/pipeline" ;;
         interpolation)
-            not_yet interpolation "the interpolation model" ;;
+            # x4 interpolation model: 9-frame clips, keyframes 0/4/8 given (SVD-style concat conditioning).
+            # Independent of the video stage: both may run at once.
+            [ -e "$RUNS/image/export/pipeline" ] || { echo "[interpolation] needs the image stage first" >&2; exit 1; }
+            DONE=temporal.safetensors train_stage interpolation configs/shapes/interpolation.yaml \
+                --set "model.pretrained=$RUNS/image/export/pipeline" ;;
+        assemble)
+            "$PYTHON" scripts/assemble_default_model.py --runs "$RUNS" ;;
         *)
-            echo "unknown stage $1 (stages: vae image decoder temporal prediction interpolation)" >&2
+            echo "unknown stage $1 (stages: vae image decoder video interpolation assemble)" >&2
             exit 2 ;;
     esac
 }
 
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
-    STAGES=(vae image decoder temporal prediction interpolation)
+    STAGES=(vae image decoder video interpolation assemble)
 fi
 for stage in "${STAGES[@]}"; do
     run_stage "$stage"
