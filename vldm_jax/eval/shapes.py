@@ -25,7 +25,8 @@ Judged by pixels alone, frame by frame, then over time:
 
 ``ok`` = object in every frame, colour, shape and direction right, ``r2 >= min_r2`` (0.8) and flicker below
 ``max_flicker``. Measured on rendered clips (tests/eval/test_shapes.py): right on every one of 360 clips
-(all 120 colour x shape x direction x speed combinations, three seeds), also after a Gaussian blur of sigma 1.
+(all 120 colour x shape x direction x speed combinations, three seeds), also after a Gaussian blur of sigma 1
+or 1.5 px (a VAE's softening).
 """
 
 from __future__ import annotations
