@@ -38,13 +38,15 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/shapes")
     p.add_argument("--out", default=str(ROOT / "vldm_jax" / "assets" / "default_model"))
     p.add_argument("--image-vae", action="store_true", help="keep the image stage's VAE (ignore vae_decoder)")
+    p.add_argument("--image", default=None,
+                   help="the image LDM pipeline the temporal stages were trained on (default RUNS/image/export/pipeline)")
     args = p.parse_args(argv)
     runs = Path(args.runs)
 
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
     from vldm_jax.pipelines.text_to_video import TextToVideoPipeline
 
-    image = TextToImagePipeline.from_pretrained(runs / "image" / "export" / "pipeline")
+    image = TextToImagePipeline.from_pretrained(args.image or runs / "image" / "export" / "pipeline")
     vae = image.vae
     decoder = runs / "vae_decoder" / "export" / "vae"
     if decoder.exists() and not args.image_vae:  # the decoder fine-tuned on noisy latents (same encoder)

@@ -264,9 +264,19 @@ def _check_positive(*pairs) -> None:
             raise UserError(f"{name} must be at least 1 (got {value})")
 
 
-def _animate_video_ldm(args, image, out) -> int:
+def _write_generated(out, video, pipe, args, t0) -> int:
+    """Writes a Video LDM result at ``--fps`` (default: the model's rate times the interpolation factor)."""
     from vldm_jax.io.video import write_video
 
+    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
+    fps = args.fps if args.fps else pipe.default("fps", 8) * factor
+    write_video(out, video, fps=fps)
+    print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _animate_video_ldm(args, image, out) -> int:
     t0 = time.perf_counter()
     pipe = _load_video_ldm(args.checkpoint)
     if args.height or args.width:
@@ -278,17 +288,12 @@ def _animate_video_ldm(args, image, out) -> int:
                          guidance_scale=args.guidance, context_guidance_scale=args.context_guidance,
                          interpolate=args.interpolate, decode_chunk_size=args.decode_chunk, seed=args.seed,
                          progress=True)
-    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
-    fps = args.fps if args.fps else pipe.default("fps", 8) * factor
-    write_video(out, video, fps=fps)
-    print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}) in "
-          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return 0
+    return _write_generated(out, video, pipe, args, t0)
 
 
 def _cmd_generate(args) -> int:
     from vldm_jax.errors import UserError
-    from vldm_jax.io.video import VIDEO_SUFFIXES, check_output_path, write_video
+    from vldm_jax.io.video import VIDEO_SUFFIXES, check_output_path
     from vldm_jax.pipelines.text_to_video import INTERPOLATE_CHOICES
 
     out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
@@ -304,12 +309,7 @@ def _cmd_generate(args) -> int:
                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                  scheduler=args.scheduler, interpolate=args.interpolate, upscale=args.upscale,
                  decode_chunk_size=args.decode_chunk, seed=args.seed, progress=True)[0]
-    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
-    fps = args.fps if args.fps else pipe.default("fps", 8) * factor
-    write_video(out, video, fps=fps)
-    print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) in "
-          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return 0
+    return _write_generated(out, video, pipe, args, t0)
 
 
 def _cmd_interpolate(args) -> int:

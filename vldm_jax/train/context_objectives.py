@@ -179,21 +179,10 @@ class ContextObjective(TemporalObjective):
 
     # ----------------------------------------------------------------------------------------- the loss
     def loss(self, model, batch, key):
-        k_vae, k_noise, k_t, k_img, k_drop, k_off, k_ctx, k_aug = jax.random.split(key, 8)
-        x0, text = self.latents_and_context(model, batch, k_vae)
+        k_step, k_img, k_ctx, k_aug = jax.random.split(key, 4)
+        x0, text, t, x_t, target = self.noised(model, batch, k_step)
         b, f = x0.shape[:2]
         self.check_frames(f)
-        if self.text_dropout > 0:
-            drop = jax.random.bernoulli(k_drop, self.text_dropout, (b,))
-            text = jnp.where(drop[:, None, None], self.null_context(model, b).astype(text.dtype), text)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        if self.noise_offset:
-            noise = noise + self.noise_offset * jax.random.normal(k_off, (b, 1, 1, 1, x0.shape[-1]))
-        t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
-        from vldm_jax.diffusion import schedules
-
-        x_t = schedules.add_noise(self.schedule, x0, noise, t)
-        target = schedules.training_target(self.schedule, x0, noise, t)
         mask = self.context_mask(k_ctx, b, f)
         context = x0
         if self.context_noise_aug > 0:

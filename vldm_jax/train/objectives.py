@@ -170,10 +170,12 @@ class TemporalObjective:
             flags = flags | (batch["image_only_indicator"] > 0.5)
         return flags
 
-    def loss(self, model: VideoModels, batch, key):
-        k_vae, k_noise, k_t, k_img, k_drop, k_off = jax.random.split(key, 6)
+    def noised(self, model: VideoModels, batch, key):
+        """One step's diffusion inputs: clean latents ``x0`` ``(B, F, h, w, C)``, the text context (with text
+        dropout applied), the timesteps ``t`` ``(B,)``, the noised latents ``x_t`` and the denoiser's target."""
+        k_vae, k_noise, k_t, k_drop, k_off = jax.random.split(key, 5)
         x0, context = self.latents_and_context(model, batch, k_vae)
-        b, f = x0.shape[:2]
+        b = x0.shape[0]
         if self.text_dropout > 0:
             drop = jax.random.bernoulli(k_drop, self.text_dropout, (b,))
             context = jnp.where(drop[:, None, None], self.null_context(model, b).astype(context.dtype), context)
@@ -184,6 +186,12 @@ class TemporalObjective:
         t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
         x_t = schedules.add_noise(self.schedule, x0, noise, t)
         target = schedules.training_target(self.schedule, x0, noise, t)
+        return x0, context, t, x_t, target
+
+    def loss(self, model: VideoModels, batch, key):
+        k_step, k_img = jax.random.split(key)
+        x0, context, t, x_t, target = self.noised(model, batch, k_step)
+        b, f = x0.shape[:2]
         indicator = self.image_only(batch, k_img, b, f)
         pred = model.unet(x_t, t, context, image_only_indicator=indicator.astype(x_t.dtype))
         err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
