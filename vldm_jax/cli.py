@@ -443,6 +443,8 @@ CACHED_COMMANDS = ("txt2img", "generate", "interpolate", "animate", "upscale")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers (the tokenizer) announces on import that PyTorch is missing, which it does not need here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from vldm_jax.errors import UserError
 
     args = _build_parser().parse_args(argv)
