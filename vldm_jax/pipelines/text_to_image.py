@@ -8,7 +8,6 @@ compiled once per (sampler, shapes) and reused across prompts and seeds.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -128,23 +127,14 @@ class TextToImagePipeline:
         return cls(unet, vae, text, tok, parts.scheduler_config, clip_skip=parts.clip_skip)
 
     def save_pretrained(self, dst: str | os.PathLike) -> None:
-        """Writes our own format (orbax weights + configs, tokenizer, scheduler) atomically to a new folder."""
-        from vldm_jax.checkpoints.store import atomic_folder, save_module
+        """Writes our own format (converted weights + configs, tokenizer, scheduler) atomically to a new folder."""
+        from vldm_jax.checkpoints.store import atomic_folder
+        from vldm_jax.pipelines.common import write_pipeline_parts
 
         with atomic_folder(dst) as tmp:
-            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
-                (tmp / name).mkdir()
-                save_module(module, tmp / name)
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            (tmp / "scheduler").mkdir()
-            with open(tmp / "scheduler" / "scheduler_config.json", "w") as f:
-                json.dump(self.scheduler_config, f, indent=1)
-            index = {"_class_name": "TextToImagePipeline", "_vldm_format": 1, "_vldm_clip_skip": self.clip_skip,
-                     "unet": ["vldm_jax", "UNet2DConditionModel"], "vae": ["vldm_jax", "AutoencoderKL"],
-                     "text_encoder": ["vldm_jax", type(self.text_encoder).__name__],
-                     "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["vldm_jax", "SchedulerConfig"]}
-            with open(tmp / "model_index.json", "w") as f:
-                json.dump(index, f, indent=1)
+            write_pipeline_parts(tmp, {"_class_name": "TextToImagePipeline", "_vldm_clip_skip": self.clip_skip},
+                                 modules={"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
+                                 tokenizer=self.tokenizer, schedulers={"scheduler": self.scheduler_config})
 
     # ------------------------------------------------------------------------------------------ running
     @property

@@ -22,7 +22,6 @@ predictor's window rolls out autoregressively (any length, but errors can accumu
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -114,38 +113,21 @@ class TextToVideoPipeline:
                    clip_skip=int(index.get("_vldm_clip_skip", 0)), defaults=index.get("_vldm_defaults", {}))
 
     def save_pretrained(self, dst: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Writes the pipeline in our own format to a new folder, atomically."""
-        from vldm_jax.checkpoints.store import atomic_folder, save_module
+        """Writes the pipeline in our own format to a new folder, atomically (a network in two roles, such as the
+        key-frame model that is also the prediction model, is stored once)."""
+        from vldm_jax.checkpoints.store import atomic_folder
+        from vldm_jax.pipelines.common import write_pipeline_parts
 
         with atomic_folder(dst, overwrite=overwrite) as tmp:
-            index = {"_class_name": CLASS_NAME, "_vldm_format": 1, "_vldm_clip_skip": self.clip_skip,
-                     "_vldm_defaults": self.defaults}
-            written = {}
-            for name in _MODEL_PARTS:
-                module = getattr(self, name)
-                if module is None:
-                    index[name] = None
-                    continue
-                if id(module) in written:  # e.g. the key-frame model that is also the prediction model
-                    index[name] = ["alias", written[id(module)]]
-                    continue
-                written[id(module)] = name
-                (tmp / name).mkdir()
-                save_module(module, tmp / name)
-                index[name] = ["vldm_jax", type(module).__name__]
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-            (tmp / "scheduler").mkdir()
-            with open(tmp / "scheduler" / "scheduler_config.json", "w") as f:
-                json.dump(self.scheduler_config, f, indent=1)
-            index["scheduler"] = ["vldm_jax", "SchedulerConfig"]
+            upsampler = None
             if self.upsampler is not None:
                 self.upsampler.save_pretrained(tmp / "upsampler")
-                index["upsampler"] = ["vldm_jax", type(self.upsampler).__name__]
-            else:
-                index["upsampler"] = None
-            with open(tmp / "model_index.json", "w") as f:
-                json.dump(index, f, indent=1)
+                upsampler = ["vldm_jax", type(self.upsampler).__name__]
+            write_pipeline_parts(
+                tmp, {"_class_name": CLASS_NAME, "_vldm_clip_skip": self.clip_skip, "_vldm_defaults": self.defaults,
+                      "upsampler": upsampler},
+                modules={name: getattr(self, name) for name in _MODEL_PARTS}, tokenizer=self.tokenizer,
+                schedulers={"scheduler": self.scheduler_config})
 
     # ------------------------------------------------------------------------------------------ helpers
     @property

@@ -23,7 +23,6 @@ blending outputs equals blending per-tile steps. Decoding runs ``decode_chunk`` 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -274,25 +273,16 @@ class UpscalePipeline:
 
     def save_pretrained(self, dst: str | os.PathLike) -> None:
         """Writes our own format (converted weights + configs, tokenizer, both schedulers) atomically."""
-        from vldm_jax.checkpoints.store import atomic_folder, save_module
+        from vldm_jax.checkpoints.store import atomic_folder
+        from vldm_jax.pipelines.common import write_pipeline_parts
 
         with atomic_folder(dst) as tmp:
-            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
-                (tmp / name).mkdir()
-                save_module(module, tmp / name)
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            for name, cfg in (("scheduler", self.scheduler_config), ("low_res_scheduler", self.low_res_scheduler_config)):
-                (tmp / name).mkdir()
-                with open(tmp / name / "scheduler_config.json", "w") as f:
-                    json.dump(cfg, f, indent=1)
-            index = {"_class_name": type(self).__name__, "_vldm_format": 1, "_vldm_clip_skip": self.clip_skip,
-                     "max_noise_level": self.max_noise_level,
-                     "unet": ["vldm_jax", type(self.unet).__name__], "vae": ["vldm_jax", "AutoencoderKL"],
-                     "text_encoder": ["vldm_jax", type(self.text_encoder).__name__],
-                     "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["vldm_jax", "SchedulerConfig"],
-                     "low_res_scheduler": ["vldm_jax", "SchedulerConfig"]}
-            with open(tmp / "model_index.json", "w") as f:
-                json.dump(index, f, indent=1)
+            write_pipeline_parts(
+                tmp, {"_class_name": type(self).__name__, "_vldm_clip_skip": self.clip_skip,
+                      "max_noise_level": self.max_noise_level},
+                modules={"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
+                tokenizer=self.tokenizer,
+                schedulers={"scheduler": self.scheduler_config, "low_res_scheduler": self.low_res_scheduler_config})
 
     # ------------------------------------------------------------------------------------------ running
     @property
