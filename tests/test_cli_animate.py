@@ -65,6 +65,14 @@ def test_missing_checkpoint(tmp_path, image):
     assert not out.exists()
 
 
-def test_checkpoint_required(tmp_path, image):
-    rc, _, err = run_cli("animate", str(image), "--out", str(tmp_path / "v.gif"))
-    assert_one_line_error(rc, err, "--checkpoint")
+def test_without_checkpoint_the_bundled_model_checks_the_size(tmp_path):
+    """No --checkpoint: the bundled Video LDM animates; an image whose size is not a multiple of its VAE factor
+    (4) is refused in one line, nothing written."""
+    import imageio.v3 as iio
+
+    odd = tmp_path / "odd.png"
+    iio.imwrite(odd, np.zeros((30, 30, 3), np.uint8))
+    out = tmp_path / "v.gif"
+    rc, _, err = run_cli("animate", str(odd), "--out", str(out))
+    assert_one_line_error(rc, err, "multiples of 4")
+    assert not out.exists()
