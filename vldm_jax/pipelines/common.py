@@ -7,6 +7,7 @@ so showing or hiding a bar never forces a recompile; :func:`denoising_bar` insta
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +110,19 @@ def write_pipeline_parts(folder, index: dict, *, modules: dict, tokenizer=None, 
         index[name] = ["vldm_jax", "SchedulerConfig"]
     with open(folder / "model_index.json", "w") as f:
         json.dump(index, f, indent=1)
+
+
+@functools.partial(jax.jit, static_argnames=("text_graph", "clip_skip"))
+def _encode_ids(text_graph, text_state, input_ids, clip_skip: int = 0):
+    from flax import nnx
+
+    return nnx.merge(text_graph, text_state).encode(input_ids, clip_skip=clip_skip)
+
+
+def encode_prompts(tokenizer, text_graph, text_state, prompts, clip_skip: int = 0) -> jax.Array:
+    """Prompts -> text-encoder context ``(B, 77, D)``: the bundled/loaded tokenizer, then one jitted encode (every
+    pipeline's ``encode_prompt``)."""
+    from vldm_jax.models.tokenizer import tokenize
+
+    ids = tokenize(tokenizer, list(prompts), max_length=tokenizer.model_max_length)
+    return _encode_ids(text_graph, text_state, jnp.asarray(ids), clip_skip=clip_skip)

@@ -22,8 +22,8 @@ from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
-from vldm_jax.models.tokenizer import load_tokenizer, tokenize
-from vldm_jax.pipelines.common import advance, denoising_bar, initial_noise
+from vldm_jax.models.tokenizer import load_tokenizer
+from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
 
@@ -37,12 +37,6 @@ HUB_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*"] + [
 def _split(module):
     graphdef, state = nnx.split(module)
     return graphdef, state
-
-
-@functools.partial(jax.jit, static_argnames=("text_graph", "clip_skip"))
-def _encode_text(text_graph, text_state, input_ids, clip_skip: int = 0):
-    model = nnx.merge(text_graph, text_state)
-    return model.encode(input_ids, clip_skip=clip_skip)
 
 
 @functools.partial(jax.jit, static_argnames=("unet_graph", "vae_graph", "guided", "progress"))
@@ -143,8 +137,7 @@ class TextToImagePipeline:
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
         """Prompts -> U-Net context ``(B, 77, D)``."""
-        ids = tokenize(self.tokenizer, list(prompts), max_length=self.tokenizer.model_max_length)
-        return _encode_text(self._text_graph, self._text_state, jnp.asarray(ids), clip_skip=self.clip_skip)
+        return encode_prompts(self.tokenizer, self._text_graph, self._text_state, prompts, self.clip_skip)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,

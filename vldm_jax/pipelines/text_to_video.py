@@ -35,9 +35,9 @@ from vldm_jax.checkpoints.load import load_model, resolve_path
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
-from vldm_jax.models.tokenizer import load_tokenizer, tokenize
+from vldm_jax.models.tokenizer import load_tokenizer
 from vldm_jax.pipelines import stages
-from vldm_jax.pipelines.common import denoising_bar
+from vldm_jax.pipelines.common import denoising_bar, encode_prompts
 
 INTERPOLATE_CHOICES = (1, 4, 16)
 _MODEL_PARTS = ("unet", "interpolator", "predictor", "vae", "text_encoder")
@@ -143,10 +143,7 @@ class TextToVideoPipeline:
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
         """Prompts -> context ``(B, 77, D)``."""
-        from vldm_jax.pipelines.text_to_image import _encode_text
-
-        ids = tokenize(self.tokenizer, list(prompts), max_length=self.tokenizer.model_max_length)
-        return _encode_text(self._text_graph, self._text_state, jnp.asarray(ids), clip_skip=self.clip_skip)
+        return encode_prompts(self.tokenizer, self._text_graph, self._text_state, prompts, self.clip_skip)
 
     def _size(self, height, width) -> tuple[int, int]:
         f = self.vae_scale_factor

@@ -38,8 +38,8 @@ from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
-from vldm_jax.models.tokenizer import load_tokenizer, tokenize
-from vldm_jax.pipelines.common import advance, denoising_bar, initial_noise
+from vldm_jax.models.tokenizer import load_tokenizer
+from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
 DEFAULT_MAX_NOISE_LEVEL = 350  # diffusers' StableDiffusionUpscalePipeline default (model_index.json)
@@ -134,11 +134,6 @@ def tiled_apply(fn, x, cond_image, starts, weights, tile_shape, tile_batch: int)
 
 
 # ---------------------------------------------------------------------------------------- compiled parts
-
-@functools.partial(jax.jit, static_argnames=("text_graph", "clip_skip"))
-def _encode_text(text_graph, text_state, input_ids, clip_skip: int = 0):
-    return nnx.merge(text_graph, text_state).encode(input_ids, clip_skip=clip_skip)
-
 
 def _unet_output(unet, x, t, cond):
     """The upscaler U-Net on latents ``x (N, [F,] h, w, 4)`` with ``cond`` = context, low-res image, labels."""
@@ -295,8 +290,7 @@ class UpscalePipeline:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
-        ids = tokenize(self.tokenizer, list(prompts), max_length=self.tokenizer.model_max_length)
-        return _encode_text(self._text_graph, self._text_state, jnp.asarray(ids), clip_skip=self.clip_skip)
+        return encode_prompts(self.tokenizer, self._text_graph, self._text_state, prompts, self.clip_skip)
 
     def noise_augment(self, image, noise_level: int, noise) -> jax.Array:
         """The low-res conditioning: ``image`` in [-1, 1] noised by the low-res scheduler at ``noise_level``."""
