@@ -37,7 +37,7 @@ from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import read_config_file
 from vldm_jax.models.tokenizer import load_tokenizer
 from vldm_jax.pipelines import stages
-from vldm_jax.pipelines.common import denoising_bar, encode_prompts
+from vldm_jax.pipelines.common import denoising_bar, encode_prompts, initial_noise, write_pipeline_parts
 
 INTERPOLATE_CHOICES = (1, 4, 16)
 _MODEL_PARTS = ("unet", "interpolator", "predictor", "vae", "text_encoder")
@@ -116,7 +116,6 @@ class TextToVideoPipeline:
         """Writes the pipeline in our own format to a new folder, atomically (a network in two roles, such as the
         key-frame model that is also the prediction model, is stored once)."""
         from vldm_jax.checkpoints.store import atomic_folder
-        from vldm_jax.pipelines.common import write_pipeline_parts
 
         with atomic_folder(dst, overwrite=overwrite) as tmp:
             upsampler = None
@@ -213,8 +212,6 @@ class TextToVideoPipeline:
         f = self.vae_scale_factor
         shape = (len(prompts), num_frames, height // f, width // f, self.latent_channels)
         key = jax.random.key(seed)
-        from vldm_jax.pipelines.common import initial_noise
-
         noise = initial_noise(latents, shape, jax.random.fold_in(key, 0))
         text, null_text = self._texts(prompts, negative_prompt, guidance != 1.0 or interp_guidance != 1.0)
         interp_steps = steps if interpolation_steps is None else interpolation_steps
