@@ -120,3 +120,21 @@ def test_bad_config_values():
         schedules.scheduler_config_from_dict({"timestep_spacing": "middle"})
     with pytest.raises(ConfigError, match="unknown scheduler options"):
         schedules.scheduler_config_from_dict({}, betta_start=0.1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_matches_diffusers_training_scripts(prediction_type):
+    # diffusers' train_text_to_image.py --snr_gamma: mse_loss_weights = min(snr, gamma) / snr for epsilon,
+    # / (snr + 1) for v_prediction; the x0 weight min(snr, gamma) follows the paper.
+    from diffusers.training_utils import compute_snr
+
+    config = {**SD1, "prediction_type": prediction_type}
+    ref = DDIMScheduler.from_config(config)
+    t = torch.tensor([0, 10, 250, 500, 999])
+    snr = compute_snr(ref, t)
+    gamma = 5.0
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    expected = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    ours = schedules.min_snr_weight(NoiseSchedule.from_config(config), jnp.asarray(t.numpy()), gamma)
+    np.testing.assert_allclose(np.asarray(ours), expected.numpy(), rtol=1e-5)
+    assert float(ours[0]) != float(ours[-1])

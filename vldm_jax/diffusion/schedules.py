@@ -221,6 +221,23 @@ def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t:
     raise ConfigError(f"prediction_type {schedule.prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weights ``(B,)`` (Hang et al. 2023, diffusers' ``--snr_gamma``) for the MSE on this
+    schedule's prediction target: ``min(snr, gamma) / snr`` for epsilon, ``min(snr, gamma) / (snr + 1)`` for
+    v-prediction, ``min(snr, gamma)`` for x0, with ``snr = acp / (1 - acp)``. The weights equalise how much
+    each noise level pulls on the shared weights, which speeds training up severalfold in the paper."""
+    acp = schedule.alphas_cumprod[jnp.asarray(t)]
+    snr = acp / (1.0 - acp)
+    clipped = jnp.minimum(snr, gamma)
+    if schedule.prediction_type == "epsilon":
+        return clipped / snr
+    if schedule.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    if schedule.prediction_type == "sample":
+        return clipped
+    raise ConfigError(f"prediction_type {schedule.prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
 def predict_x0_eps(
     model_output: jax.Array, sample: jax.Array, alpha: jax.Array, sigma: jax.Array, prediction_type: str
 ) -> tuple[jax.Array, jax.Array]:

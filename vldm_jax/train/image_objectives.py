@@ -264,6 +264,8 @@ class ImageOptions:
     text_dropout: float = 0.1
     train_text_encoder: bool = True
     sample_posterior: bool = True
+    # Min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5 in the paper); 0 = the plain MSE.
+    snr_gamma: float = 0.0
     # Sample images every train.sample_every steps.
     sample_scheduler: str = "ddim"
     sample_steps: int = 20
@@ -341,8 +343,12 @@ class ImageObjective:
         x_t = schedules.add_noise(self.schedule, x0, noise, t)
         target = schedules.training_target(self.schedule, x0, noise, t)
         pred = model.unet(x_t, t, context)
-        loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
-        return loss, {"latent_std": jnp.std(x0)}
+        err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
+        if self.options.snr_gamma > 0:
+            loss = jnp.mean(schedules.min_snr_weight(self.schedule, t, self.options.snr_gamma) * err)
+        else:
+            loss = jnp.mean(err)
+        return loss, {"latent_std": jnp.std(x0), "mse": jnp.mean(err)}
 
     def generate(self, model: ImageModels, ids, noise, key, *, guidance: float, steps: int,
                  scheduler: str = "ddim"):

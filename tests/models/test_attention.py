@@ -1,0 +1,63 @@
+"""The query-chunked CPU attention equals XLA's attention, forward and backward, and ``auto`` picks it only for
+large plain attentions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vldm_jax.nn import attention as A
+
+
+def _qkv(b, t, s, n, h, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((b, x, n, h)), jnp.float32) for x in (t, s, s))
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunked_equals_xla_forward_and_grad(chunk):
+    q, k, v = _qkv(2, 128, 96, 3, 8)
+    ref = jax.nn.dot_product_attention(q, k, v)
+    out = A.chunked_attention(q, k, v, chunk=chunk)
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(ref.shape), jnp.float32)
+    g_ref = jax.grad(lambda *a: jnp.sum(w * jax.nn.dot_product_attention(*a)), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(lambda *a: jnp.sum(w * A.chunked_attention(*a, chunk=chunk)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_chunk_must_divide():
+    q, k, v = _qkv(1, 30, 30, 1, 4)
+    with pytest.raises(ValueError, match="does not divide"):
+        A.chunked_attention(q, k, v, chunk=16)
+
+
+def test_auto_choice():
+    # Small score matrices stay on XLA's path; large ones get a divisor of the query count, >= 16.
+    assert A._query_chunk(2, 256, 256, 8, 8) is None
+    c = A._query_chunk(2, 1024, 1024, 8, 8)
+    assert c is not None and 1024 % c == 0 and 16 <= c <= 512
+    c = A._query_chunk(2, 1000, 1000, 8, 8)
+    assert c is not None and 1000 % c == 0
+    # A prime number of queries has no useful divisor: not chunked.
+    assert A._query_chunk(4, 1021, 1021, 8, 8) is None
+
+
+def test_dispatch_uses_chunks_on_cpu_and_respects_masks(monkeypatch):
+    calls = []
+    real = A.chunked_attention
+    monkeypatch.setattr(A, "chunked_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(A, "CHUNK_MIN_ELEMENTS", 1)
+    q, k, v = _qkv(1, 64, 64, 2, 8)
+    out = A.dot_product_attention(q, k, v)
+    assert calls == [1]
+    np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=2e-6)
+    mask = jnp.tril(jnp.ones((64, 64), bool))[None, None]
+    out = A.dot_product_attention(q, k, v, mask=mask)  # masked attention keeps XLA's path
+    assert calls == [1]
+    np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, mask=mask), atol=2e-6)
+    monkeypatch.setattr(A, "ATTENTION_IMPLEMENTATION", "xla")
+    A.dot_product_attention(q, k, v)
+    assert calls == [1]
