@@ -35,7 +35,7 @@ def test_chunk_must_divide():
 
 
 def test_auto_choice():
-    # Small score matrices stay on XLA's path; large ones get a divisor of the query count, >= 16.
+    # Small score matrices are one block; large ones get a divisor of the query count, >= 16.
     assert A._query_chunk(2, 256, 256, 8, 8) is None
     c = A._query_chunk(2, 1024, 1024, 8, 8)
     assert c is not None and 1024 % c == 0 and 16 <= c <= 512
@@ -45,19 +45,25 @@ def test_auto_choice():
     assert A._query_chunk(4, 1021, 1021, 8, 8) is None
 
 
-def test_dispatch_uses_chunks_on_cpu_and_respects_masks(monkeypatch):
+@pytest.mark.parametrize("kind", ["bias", "mask", "causal"])
+def test_cpu_path_with_bias_mask_causal_equals_xla(kind):
+    q, k, v = _qkv(2, 12, 12, 3, 8)
+    rng = np.random.default_rng(2)
+    kw = {"bias": jnp.asarray(rng.standard_normal((1, 3, 12, 12)), jnp.float32)} if kind == "bias" else \
+        {"mask": jnp.asarray(rng.random((2, 1, 12, 12)) > 0.3).at[..., 0].set(True)} if kind == "mask" else \
+        {"is_causal": True}
+    ref = jax.nn.dot_product_attention(q, k, v, **kw)
+    np.testing.assert_allclose(A.dot_product_attention(q, k, v, **kw), ref, atol=2e-6, rtol=1e-5)
+
+
+def test_dispatch(monkeypatch):
     calls = []
     real = A.chunked_attention
     monkeypatch.setattr(A, "chunked_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(A, "CHUNK_MIN_ELEMENTS", 1)
     q, k, v = _qkv(1, 64, 64, 2, 8)
-    out = A.dot_product_attention(q, k, v)
+    out = A.dot_product_attention(q, k, v)  # the CPU default: this module's attention
     assert calls == [1]
     np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=2e-6)
-    mask = jnp.tril(jnp.ones((64, 64), bool))[None, None]
-    out = A.dot_product_attention(q, k, v, mask=mask)  # masked attention keeps XLA's path
-    assert calls == [1]
-    np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, mask=mask), atol=2e-6)
     monkeypatch.setattr(A, "ATTENTION_IMPLEMENTATION", "xla")
-    A.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(A.dot_product_attention(q, k, v), out, atol=2e-6)
     assert calls == [1]

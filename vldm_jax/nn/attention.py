@@ -13,28 +13,37 @@ from flax import nnx
 
 from vldm_jax.nn.norm import GroupNorm, LayerNorm
 
-# Set by config/CLI. None ("auto"): query-chunked attention on the CPU when the score matrix is large, XLA's
-# attention elsewhere; "xla": always jax.nn.dot_product_attention's XLA path; "chunked": always chunk;
-# "cudnn": the fused GPU kernel (half precision, no boolean mask).
+# Set by config/CLI. None ("auto"): on the CPU, this module's attention (query-chunked when the score matrix is
+# large), XLA's jax.nn.dot_product_attention elsewhere; "xla": always jax.nn.dot_product_attention's XLA path;
+# "chunked": this module's attention on any backend; "cudnn": the fused GPU kernel (half precision, no boolean
+# mask).
 ATTENTION_IMPLEMENTATION: str | None = None
 
-# Scores per chunk (B * heads * chunk * S floats) per 5 channels of a head: ~4 MB of scores for heads of 8
-# keeps a block of the score matrix in the CPU's cache; wider heads do more arithmetic per score and prefer
-# larger blocks. Measured on the 2-core CPU (docs/benchmarks.md): (2, 1024 tokens, 8 heads of 8) 108 ms ->
-# 13 ms with chunks of 64 queries (PyTorch's fused SDPA: 16 ms); (2, 4096, 8 of 40) 2116 -> 714 ms at 128.
-CHUNK_SCORE_ELEMENTS = 2 ** 20
-# Below this many score elements XLA's single pass is as fast (the matrix fits in cache anyway).
+# Scores per chunk (B * heads * chunk * S floats): 1-2 M floats (4-8 MB) keep a block of the score matrix in the
+# CPU's cache. Measured on the 2-core CPU (docs/benchmarks.md), best chunk per shape (B, T, heads, head dim):
+# (2, 1024, 8, 8) 91 ms (XLA) -> 11 ms at 64 queries (1 M scores; PyTorch's fused SDPA 16 ms); (8, 1024, 1, 64)
+# 61 -> 19 ms at 128-256 (1-2 M); (2, 1024, 8, 40) 108 -> 36-38 ms at 128-256 (2-4 M); (2, 4096, 8, 40) 1962 ->
+# 1002 ms at 64-128. Heads of up to 16 channels prefer the smaller blocks.
+CHUNK_SCORE_ELEMENTS = 2 ** 21
+CHUNK_SCORE_ELEMENTS_NARROW = 2 ** 20
+# At most this many score elements in one block: below it the whole attention is one block.
 CHUNK_MIN_ELEMENTS = 2 ** 22
 
 
-def _attend(q, k, v, scale):
+def _attend(q, k, v, scale, bias=None, mask=None):
     """Softmax attention of one block, heads-major inside, normalising the output instead of the scores.
 
-    q ``(B, T, N, H)``, k/v ``(B, S, N, H)``. Scores and softmax statistics in float32."""
+    q ``(B, T, N, H)``, k/v ``(B, S, N, H)``; ``bias`` (added to the logits) and boolean ``mask`` (True: attend)
+    broadcast to ``(B, N, T, S)``. Scores and softmax statistics in float32. On the CPU this is 1.1-3x faster
+    than ``jax.nn.dot_product_attention``'s XLA path even unchunked (one pass fewer over the scores)."""
     qt = jnp.transpose(q, (0, 2, 1, 3)) * jnp.asarray(scale, q.dtype)
     kt = jnp.transpose(k, (0, 2, 3, 1))
     vt = jnp.transpose(v, (0, 2, 1, 3))
     s = jnp.matmul(qt, kt, preferred_element_type=jnp.float32)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
     p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
     denom = p.sum(-1, keepdims=True)
     out = jnp.matmul(p.astype(v.dtype), vt, preferred_element_type=jnp.float32) / denom
@@ -43,22 +52,21 @@ def _attend(q, k, v, scale):
 
 def _query_chunk(b: int, t: int, s: int, n: int, h: int) -> int | None:
     """The number of queries per chunk for a ``(b, t, s, n, h)`` attention, or None to not chunk."""
-    if b * n * t * s < CHUNK_MIN_ELEMENTS:
+    if b * n * t * s <= CHUNK_MIN_ELEMENTS:
         return None
-    target = max(32, int(CHUNK_SCORE_ELEMENTS * max(1.0, h / 5)) // (b * n * s))
-    best = None
+    block = CHUNK_SCORE_ELEMENTS_NARROW if h <= 16 else CHUNK_SCORE_ELEMENTS
+    target = max(32, block // (b * n * s))
     for c in range(min(target, t // 2), 15, -1):
         if t % c == 0:
-            best = c
-            break
-    return best
+            return c
+    return None
 
 
 def chunked_attention(q, k, v, *, scale: float | None = None, chunk: int | None = None):
     """Exact attention computed ``chunk`` queries at a time (a ``lax.map``), so the block of scores being
     exponentiated and multiplied stays in cache instead of a ``(B, N, T, S)`` matrix making several trips
     through memory. Keys and values are whole: this is not flash attention's online softmax, and the memory
-    saving is only in the scores (``B * N * chunk * S``)."""
+    saving is only in the scores (``B * N * chunk * S``). Without ``chunk``, :func:`_query_chunk` picks it."""
     b, t, n, h = q.shape
     scale = h ** -0.5 if scale is None else scale
     chunk = chunk or _query_chunk(b, t, k.shape[1], n, h)
@@ -82,14 +90,17 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, is_causal: bool = Fa
     if upcast:
         q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     impl = ATTENTION_IMPLEMENTATION
-    plain = mask is None and bias is None and not is_causal
-    if impl in (None, "auto") and plain and jax.default_backend() == "cpu":
-        b, t, n, h = q.shape
-        if _query_chunk(b, t, k.shape[1], n, h) is not None:
-            impl = "chunked"
-    if impl == "chunked" and plain:
-        return chunked_attention(q, k, v, scale=scale).astype(dtype)
-    if impl in ("auto", "chunked", "xla"):
+    if impl in (None, "auto"):
+        impl = "chunked" if jax.default_backend() == "cpu" else None
+    if impl == "chunked":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if mask is None and bias is None and not is_causal:
+            return chunked_attention(q, k, v, scale=scale).astype(dtype)
+        if is_causal:
+            causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+            mask = causal if mask is None else jnp.logical_and(mask, causal)
+        return _attend(q, k, v, scale, bias=bias, mask=mask).astype(dtype)
+    if impl == "xla":
         impl = None
     if impl == "cudnn" and (q.dtype not in (jnp.float16, jnp.bfloat16) or mask is not None):
         impl = None  # cuDNN's kernel takes half precision and no boolean mask
