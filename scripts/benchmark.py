@@ -37,7 +37,8 @@ import numpy as np
 OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SIZE_NAMES = ("tiny", "medium", "full")
-ITEMS = ("video_unet", "image_unet", "vae_decode", "vae_decode_chunked", "clip_text", "sampling_loop", "loading")
+ITEMS = ("video_unet", "train_step", "image_unet", "vae_decode", "vae_decode_chunked", "clip_text", "sampling_loop",
+         "loading")
 STEPS = 25
 GUIDANCE = 7.5
 
@@ -251,6 +252,94 @@ def bench_video_unet(cfg, folder, reps, peak, rng):
     return _pair("video U-Net forward", jrec, trec, f"B={b} F={f} {h}x{w}x{c.in_channels}"), model
 
 
+def bench_train_step(cfg, folder, model, reps, peak, rng):
+    """One training step of the temporal stage on the video U-Net: eps-MSE on noised latents, gradients of the
+    temporal parameters only (the image layers frozen, Video LDM's recipe), AdamW update. Ours: one jitted
+    step with the parameters and optimizer state donated. diffusers: the same weights with requires_grad on the
+    temporal parameters only (the same name rule), forward, backward and ``torch.optim.AdamW.step``."""
+    import diffusers
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+    from flax import nnx
+
+    from vldm_jax.models.roles import is_temporal_path, temporal_filter
+
+    ref = diffusers.UNetSpatioTemporalConditionModel.from_pretrained(folder).train()
+    c = ref.config
+    b, f, (h, w) = cfg["video"]["batch"], cfg["video"]["frames"], _hw(cfg["video"]["latent"])
+    x = _randn(rng, (b, f, h, w, c.in_channels))
+    target = _randn(rng, (b, f, h, w, c.out_channels))
+    ctx = _randn(rng, (b, 1, c.cross_attention_dim))
+    ids = rng.uniform(0, 128, (b, c.projection_class_embeddings_input_dim // c.addition_time_embed_dim)).astype(
+        np.float32)
+    graphdef, trainable, frozen = nnx.split(model, temporal_filter, ...)
+    n_train = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(trainable))
+    opt = optax.adamw(1e-5)
+    opt_state = opt.init(trainable)
+
+    def step(trainable, opt_state, frozen, x, target, ctx, ids):
+        def loss_fn(tr):
+            out = nnx.merge(graphdef, tr, frozen)(x, jnp.float32(500.0), ctx, ids)
+            return jnp.mean(jnp.square(out - target))
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    args = [trainable, opt_state, frozen, jnp.asarray(x), jnp.asarray(target), jnp.asarray(ctx), jnp.asarray(ids)]
+    t0 = time.perf_counter()
+    compiled = jstep.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else cost
+    flops = float((cost or {}).get("flops", 0.0)) or None
+    mem = compiled.memory_analysis()
+    state = {"tr": args[0], "opt": args[1]}
+
+    def run_ours():
+        state["tr"], state["opt"], loss = compiled(state["tr"], state["opt"], *args[2:])
+        jax.block_until_ready(loss)
+
+    jrec = {**time_calls(run_ours, reps), "compile_s": compile_s, "xla_flops": flops, **rss()}
+    if mem is not None:
+        arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+        alias = getattr(mem, "alias_size_in_bytes", 0)
+        jrec["memory"] = {"argument_bytes": int(arg), "output_bytes": int(out), "temp_bytes": int(tmp),
+                          "alias_bytes": int(alias), "total_bytes": int(arg + out + tmp - alias)}
+    if flops:
+        rate = flops / jrec["median_s"]
+        jrec.update(flops=flops, gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)
+
+    params = []
+    for name, prm in ref.named_parameters():
+        prm.requires_grad_(is_temporal_path(name))
+        if prm.requires_grad:
+            params.append(prm)
+    n_torch = sum(p.numel() for p in params)
+    topt = torch.optim.AdamW(params, lr=1e-5)
+    tx, tctx, tids = torch.from_numpy(x.transpose(0, 1, 4, 2, 3).copy()), torch.from_numpy(ctx), torch.from_numpy(ids)
+    ttarget = torch.from_numpy(target.transpose(0, 1, 4, 2, 3).copy())
+
+    def run_torch():
+        topt.zero_grad(set_to_none=True)
+        loss = torch.mean(torch.square(ref(tx, torch.tensor(500.0), tctx, tids).sample - ttarget))
+        loss.backward()
+        topt.step()
+
+    trec = {**time_calls(run_torch, reps), **rss()}
+    if flops:
+        rate = flops / trec["median_s"]
+        trec.update(gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)
+    del ref
+    rec = _pair("temporal training step (AdamW)", jrec, trec,
+                f"B={b} F={f} {h}x{w}x{c.in_channels}, {n_train / 1e6:.2f}M temporal params")
+    rec["trainable_params"] = {"jax": n_train, "torch": int(n_torch)}
+    return rec
+
+
 def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
     import diffusers
     import jax
@@ -443,11 +532,15 @@ def run_size(size: str, reps: int, only: set[str], peak: float, log) -> dict:
     items, proof = [], None
     with tempfile.TemporaryDirectory(prefix=f"vldm-bench-{size}-") as tmp:
         video_model = None
-        if only & {"video_unet", "loading"}:
+        if only & {"video_unet", "loading", "train_step"}:
             log(f"[{size}] video U-Net")
             rec, video_model = bench_video_unet(cfg, Path(tmp, "video_unet", "unet"), reps, peak, rng)
             if "video_unet" in only:
                 items.append(rec)
+        if "train_step" in only:
+            log(f"[{size}] temporal training step")
+            items.append(bench_train_step(cfg, Path(tmp, "video_unet", "unet"), video_model, max(1, min(reps, 3)),
+                                          peak, rng))
         if only & {"image_unet", "sampling_loop"}:
             log(f"[{size}] image U-Net and sampling loop")
             unet, loop, proof = bench_image_unet_and_loop(cfg, Path(tmp, "image_unet"), reps, loop_reps, peak, rng)

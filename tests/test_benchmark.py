@@ -49,7 +49,8 @@ def test_tiny_suite_json(tmp_path):
     results = _run(tmp_path)
     tiny = results["sizes"]["tiny"]
     names = [r["name"] for r in tiny["items"]]
-    assert len(names) == 7 and names[0] == "video U-Net forward" and names[-1] == "load video U-Net"
+    assert len(names) == 8 and names[0] == "video U-Net forward" and names[-1] == "load video U-Net"
+    assert names[1] == "temporal training step (AdamW)"
     for r in tiny["items"][:-1]:
         _check_compiled(r["jax"])
         assert TIMING <= r["torch"].keys()
@@ -58,3 +59,15 @@ def test_tiny_suite_json(tmp_path):
     proof = tiny["scan_proof"]
     for key in ("loop_compile_s", "unet_compile_s", "compile_ratio", "per_step_overhead_fraction"):
         assert isinstance(proof[key], float)
+
+
+def test_train_step_item(tmp_path):
+    results = _run(tmp_path, "--only", "train_step")
+    (item,) = results["sizes"]["tiny"]["items"]
+    assert item["name"] == "temporal training step (AdamW)" and item["speedup_vs_torch"] > 0
+    # The same name rule picks the same temporal parameters on both sides, and only a part of the model.
+    n = item["trainable_params"]
+    assert n["jax"] == n["torch"] > 0
+    side = item["jax"]
+    assert TIMING <= side.keys() and side["compile_s"] > 0 and side["xla_flops"] > 0
+    assert side["memory"]["temp_bytes"] > 0
