@@ -57,7 +57,8 @@ def test_tiny_suite_json(tmp_path):
     load = tiny["items"][-1]
     assert TIMING <= load["jax"].keys() and TIMING <= load["jax_converted"].keys() and TIMING <= load["torch"].keys()
     proof = tiny["scan_proof"]
-    for key in ("loop_compile_s", "unet_compile_s", "compile_ratio", "per_step_overhead_fraction"):
+    for key in ("loop_compile_s", "unet_compile_s", "compile_ratio", "per_step_overhead_fraction",
+                "paired_per_step_overhead_fraction", "torch_paired_per_step_overhead_fraction"):
         assert isinstance(proof[key], float)
 
 
