@@ -275,6 +275,7 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
     ids = rng.uniform(0, 128, (b, c.projection_class_embeddings_input_dim // c.addition_time_embed_dim)).astype(
         np.float32)
     graphdef, trainable, frozen = nnx.split(model, temporal_filter, ...)
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # donated below: keep the model's own arrays alive
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(trainable))
     opt = optax.adamw(1e-5)
     opt_state = opt.init(trainable)
