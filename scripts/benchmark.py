@@ -138,6 +138,25 @@ def load_average() -> list[float] | None:
         return None
 
 
+def xla_flops(compiled) -> float | None:
+    """FLOPs of a compiled program by XLA's cost analysis (None when it has none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0)) or None
+
+
+def xla_memory(compiled) -> dict | None:
+    """XLA's memory accounting of a compiled program, in bytes: arguments + outputs + temporaries - aliased."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+    alias = getattr(mem, "alias_size_in_bytes", 0)
+    return {"argument_bytes": int(arg), "output_bytes": int(out), "temp_bytes": int(tmp), "alias_bytes": int(alias),
+            "total_bytes": int(arg + out + tmp - alias)}
+
+
 class Jax:
     """jit + separate compile timing + XLA cost and memory analysis of one function."""
 
@@ -151,17 +170,8 @@ class Jax:
         t0 = time.perf_counter()
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
-        cost = self.compiled.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0] if cost else {}
-        self.flops = float((cost or {}).get("flops", 0.0)) or None
-        mem = self.compiled.memory_analysis()
-        self.memory = None
-        if mem is not None:
-            arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
-            alias = getattr(mem, "alias_size_in_bytes", 0)
-            self.memory = {"argument_bytes": int(arg), "output_bytes": int(out), "temp_bytes": int(tmp),
-                           "alias_bytes": int(alias), "total_bytes": int(arg + out + tmp - alias)}
+        self.flops = xla_flops(self.compiled)
+        self.memory = xla_memory(self.compiled)
 
     def __call__(self):
         import jax
@@ -252,6 +262,34 @@ def bench_video_unet(cfg, folder, reps, peak, rng):
     return _pair("video U-Net forward", jrec, trec, f"B={b} F={f} {h}x{w}x{c.in_channels}"), model
 
 
+def temporal_train_step(model):
+    """The temporal stage's training step on ``model`` as it is (remat included): ``(step, trainable, opt_state,
+    frozen)`` with ``step(trainable, opt_state, frozen, x, ctx, ids, target) -> (trainable, opt_state, loss)``;
+    eps-MSE at t = 500, gradients of the temporal parameters only, AdamW. ``trainable`` is a copy, so the step
+    may donate it."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from vldm_jax.models.roles import temporal_filter
+
+    graphdef, trainable, frozen = nnx.split(model, temporal_filter, ...)
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+    opt = optax.adamw(1e-5)
+
+    def step(trainable, opt_state, frozen, x, ctx, ids, target):
+        def loss_fn(tr):
+            out = nnx.merge(graphdef, tr, frozen)(x, jnp.float32(500.0), ctx, ids)
+            return jnp.mean(jnp.square(out - target))
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step, trainable, opt.init(trainable), frozen
+
+
 def bench_train_step(cfg, folder, model, reps, peak, rng):
     """One training step of the temporal stage on the video U-Net: eps-MSE on noised latents, gradients of the
     temporal parameters only (the image layers frozen, Video LDM's recipe), AdamW update. Ours: one jitted
@@ -260,11 +298,9 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
     import diffusers
     import jax
     import jax.numpy as jnp
-    import optax
     import torch
-    from flax import nnx
 
-    from vldm_jax.models.roles import is_temporal_path, temporal_filter
+    from vldm_jax.models.roles import is_temporal_path
 
     ref = diffusers.UNetSpatioTemporalConditionModel.from_pretrained(folder).train()
     c = ref.config
@@ -274,30 +310,16 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
     ctx = _randn(rng, (b, 1, c.cross_attention_dim))
     ids = rng.uniform(0, 128, (b, c.projection_class_embeddings_input_dim // c.addition_time_embed_dim)).astype(
         np.float32)
-    graphdef, trainable, frozen = nnx.split(model, temporal_filter, ...)
-    trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # donated below: keep the model's own arrays alive
+    step, trainable, opt_state, frozen = temporal_train_step(model)
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(trainable))
-    opt = optax.adamw(1e-5)
-    opt_state = opt.init(trainable)
-
-    def step(trainable, opt_state, frozen, x, target, ctx, ids):
-        def loss_fn(tr):
-            out = nnx.merge(graphdef, tr, frozen)(x, jnp.float32(500.0), ctx, ids)
-            return jnp.mean(jnp.square(out - target))
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = opt.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
 
     jstep = jax.jit(step, donate_argnums=(0, 1))
-    args = [trainable, opt_state, frozen, jnp.asarray(x), jnp.asarray(target), jnp.asarray(ctx), jnp.asarray(ids)]
+    args = [trainable, opt_state, frozen, jnp.asarray(x), jnp.asarray(ctx), jnp.asarray(ids), jnp.asarray(target)]
     t0 = time.perf_counter()
     compiled = jstep.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", 0.0)) or None
-    mem = compiled.memory_analysis()
+    flops = xla_flops(compiled)
+    memory = xla_memory(compiled)
     state = {"tr": args[0], "opt": args[1]}
 
     def run_ours():
@@ -305,11 +327,8 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
         jax.block_until_ready(loss)
 
     jrec = {**time_calls(run_ours, reps), "compile_s": compile_s, "xla_flops": flops, **rss()}
-    if mem is not None:
-        arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
-        alias = getattr(mem, "alias_size_in_bytes", 0)
-        jrec["memory"] = {"argument_bytes": int(arg), "output_bytes": int(out), "temp_bytes": int(tmp),
-                          "alias_bytes": int(alias), "total_bytes": int(arg + out + tmp - alias)}
+    if memory is not None:
+        jrec["memory"] = memory
     if flops:
         rate = flops / jrec["median_s"]
         jrec.update(flops=flops, gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)

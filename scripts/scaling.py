@@ -35,43 +35,27 @@ import numpy as np  # noqa: E402
 MiB = 2 ** 20
 
 
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    alias = getattr(m, "alias_size_in_bytes", 0)
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - alias
-    return {"temp_mib": m.temp_size_in_bytes / MiB, "argument_mib": m.argument_size_in_bytes / MiB,
-            "output_mib": m.output_size_in_bytes / MiB, "total_mib": total / MiB}
-
-
-def _measure(fn, args, do_time: bool, reps: int, run=None) -> dict:
+def _measure(fn, args, do_time: bool, reps: int) -> dict:
     import jax
+
+    from benchmark import time_calls, xla_flops, xla_memory
 
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
-    rec = {"compile_s": time.perf_counter() - t0, **_memory(compiled)}
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else cost
-    rec["gflop"] = float((cost or {}).get("flops", 0.0)) / 1e9
+    mem = xla_memory(compiled)
+    rec = {"compile_s": time.perf_counter() - t0, "gflop": (xla_flops(compiled) or 0.0) / 1e9,
+           **{k.replace("_bytes", "_mib"): v / MiB for k, v in mem.items() if k != "alias_bytes"}}
     if do_time:
-        call = run or (lambda: jax.block_until_ready(compiled(*args)))
-        call()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-        rec["median_s"] = float(np.median(times))
+        rec["median_s"] = time_calls(lambda: jax.block_until_ready(compiled(*args)), reps)["median_s"]
     return rec
 
 
 def unet_rows(folder: Path, do_time: bool, reps: int, log) -> list[dict]:
-    import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     import vldm_jax
-    from vldm_jax.models.roles import temporal_filter
+    from benchmark import temporal_train_step
 
     model = vldm_jax.load_model(folder)
     c = model.config
@@ -95,22 +79,9 @@ def unet_rows(folder: Path, do_time: bool, reps: int, log) -> list[dict]:
     for f in (8, 32):
         for remat in (False, True):
             model.set_remat(remat)
-            gdef, trainable, frozen = nnx.split(model, temporal_filter, ...)
-            trainable = jax.tree_util.tree_map(jnp.copy, trainable)
-            opt = optax.adamw(1e-5)
-            opt_state = opt.init(trainable)
+            step, trainable, opt_state, frozen = temporal_train_step(model)
             x, ctx, ids = inputs(f, 32)
             target = jnp.zeros_like(x[..., :c.out_channels])
-
-            def step(tr, os_, frozen, x, ctx, ids, target):
-                def loss_fn(tr):
-                    out = nnx.merge(gdef, tr, frozen)(x, jnp.float32(500.0), ctx, ids)
-                    return jnp.mean(jnp.square(out - target))
-
-                loss, grads = jax.value_and_grad(loss_fn)(tr)
-                updates, os_ = opt.update(grads, os_, tr)
-                return optax.apply_updates(tr, updates), os_, loss
-
             log(f"temporal training step F={f} remat={remat}")
             rec = _measure(step, (trainable, opt_state, frozen, x, ctx, ids, target), do_time, reps)
             rows.append({"item": "temporal training step", "frames": f, "latent": 32,
