@@ -171,3 +171,38 @@ def test_decoder_finetune_keeps_the_latent_space(tmp_path, vae_run, arrays):
         build_setup(stage_config("vae", {"trainable": "encoder"}, {"vae": TINY_VAE}, steps=1))
     with pytest.raises(ConfigError, match="sample_posterior must be true or false"):
         build_setup(stage_config("vae", {"sample_posterior": "maybe"}, {"vae": TINY_VAE}, steps=1))
+
+
+def test_in_memory_shapes_and_time_budget_end_like_the_last_step(tmp_path):
+    """data.in_memory renders moving shapes with numpy (no TensorFlow) and train.max_seconds ends the run early,
+    as at its last step: a checkpoint at the step reached and the export; a second run resumes towards `steps`."""
+    notes = []
+    config = stage_config("vae", {"std_batches": 1}, {"vae": TINY_VAE}, steps=500, max_seconds=1e-3)
+    config.data.path, config.data.in_memory, config.data.num_frames = "moving_shapes:12", True, 2
+    config.data.height = config.data.width = SIZE
+    config.data.seed = 3
+    result = train(config, workdir=tmp_path, echo=notes.append)
+    assert result.step == 1 < config.train.steps and not result.preempted
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    assert (tmp_path / "export" / "vae" / "params.safetensors").is_file()
+    assert any("rendered 12 moving-shapes clips" in n for n in notes)
+    assert any("max_seconds" in n and "step 1 of 500" in n for n in notes)
+    assert not (tmp_path / "cache" / "tfds").exists()
+    config.train.max_seconds, config.train.steps = 0.0, 3
+    again = train(config, workdir=tmp_path, echo=notes.append)
+    assert again.resumed and again.start_step == 1 and again.step == 3
+
+
+def test_render_arrays_matches_the_dataset_examples():
+    from vldm_jax.data.moving_shapes import render_arrays
+
+    arrays = render_arrays(10, seed=3, num_frames=2, size=SIZE, workers=2)
+    assert arrays["video"].shape == (10, 2, SIZE, SIZE, 3) and arrays["video"].dtype == np.uint8
+    expected = shapes_arrays(10)
+    np.testing.assert_array_equal(arrays["video"], expected["video"])
+    assert list(arrays["caption"]) == list(expected["caption"])
+
+
+def test_in_memory_needs_moving_shapes():
+    with pytest.raises(ConfigError, match="in_memory"):
+        load_config(data={"data": {"path": "/some/videos", "in_memory": True}})

@@ -165,6 +165,43 @@ def example(index: int, *, seed: int = 0, num_frames: int = 16, size: int | tupl
     }
 
 
+def _render_range(args) -> tuple[np.ndarray, list[str]]:
+    start, stop, seed, num_frames, size, speed_in_caption = args
+    items = [example(i, seed=seed, num_frames=num_frames, size=size, speed_in_caption=speed_in_caption)
+             for i in range(start, stop)]
+    return np.stack([e["video"] for e in items]), [e["caption"] for e in items]
+
+
+def render_arrays(num_examples: int, *, seed: int = 0, num_frames: int = 16, size: int | tuple[int, int] = 64,
+                  speed_in_caption: bool = False, workers: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``num_examples`` examples of the dataset with ``seed``, rendered into memory with numpy
+    (the same clips as the TFDS build of those options): ``{"video": (N, F, H, W, 3) uint8, "caption": (N,) str}``.
+
+    ``workers`` processes render in parallel (default: the CPU count, at most 16; 1 renders here). They are
+    spawned, not forked, so a caller that already holds an accelerator is safe.
+    """
+    if num_examples < 1:
+        from vldm_jax.errors import UserError
+
+        raise UserError(f"moving shapes need at least 1 example (got {num_examples})")
+    h, w = _hw(size)
+    workers = min(os.cpu_count() or 1, 16) if workers is None else max(1, int(workers))
+    chunk = max(1, min(512, -(-num_examples // (4 * workers))))
+    jobs = [(i, min(i + chunk, num_examples), seed, num_frames, (h, w), speed_in_caption)
+            for i in range(0, num_examples, chunk)]
+    if workers == 1 or len(jobs) == 1:
+        parts = [_render_range(j) for j in jobs]
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            parts = list(ex.map(_render_range, jobs))
+    video = np.concatenate([p[0] for p in parts])
+    captions = np.array([c for p in parts for c in p[1]])
+    return {"video": video, "caption": captions}
+
+
 # ---------------------------------------------------------------- TFDS builder (imports TF lazily)
 
 @functools.cache

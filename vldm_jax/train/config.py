@@ -69,6 +69,9 @@ class DataConfig:
     shuffle: bool = True
     shuffle_buffer: int = 1024
     seed: int = 0
+    # moving_shapes only: render the clips with numpy into host memory (worker processes) and batch them from
+    # there; needs no TensorFlow (a GPU box with only JAX), and feeds a fast accelerator without a tf.data stage.
+    in_memory: bool = False
 
 
 @dataclasses.dataclass
@@ -139,6 +142,10 @@ class MeshConfig:
 @dataclasses.dataclass
 class TrainLoopConfig:
     steps: int = 1000
+    # Wall-clock budget in seconds for the steps of this run (0: none). When it runs out, training ends as at
+    # the last step (checkpoint, export) and a later run with the same workdir resumes towards `steps`. The
+    # learning-rate schedule still spans `steps`: pair a budget with optim.schedule=constant (and an EMA).
+    max_seconds: float = 0.0
     seed: int = 0
     workdir: str | None = None
     log_every: int = 10
@@ -322,6 +329,11 @@ def validate(config: Config) -> None:
     """Cross-field checks that a dataclass field type cannot express."""
     if config.train.steps < 0:
         raise ConfigError(f"train.steps must be >= 0 (got {config.train.steps})")
+    if config.train.max_seconds < 0:
+        raise ConfigError(f"train.max_seconds must be >= 0 (got {config.train.max_seconds})")
+    if config.data.in_memory and config.data.path and not str(config.data.path).startswith("moving_shapes"):
+        raise ConfigError(f"data.in_memory renders the procedural moving_shapes data only (data.path is "
+                          f"{config.data.path!r})")
     if config.data.batch_size_per_device < 1:
         raise ConfigError(f"data.batch_size_per_device must be >= 1 (got {config.data.batch_size_per_device})")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):

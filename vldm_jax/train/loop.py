@@ -474,13 +474,33 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
                 "process_count": jax.process_count(), "frozen_fingerprint": fingerprint,
                 "config": to_dict(config), "time": time.time()}
 
+    t_loop = None
+
+    def budget_spent(step_: int) -> bool:
+        """train.max_seconds, counted from the start of this run's first step (its compilation included); with
+        several processes, process 0's clock decides at each log step, so all stop at the same step."""
+        if not config.train.max_seconds or step_ >= config.train.steps:
+            return False
+        if len(pending) >= 2:
+            # Steps run asynchronously: without this the host could queue minutes of steps past the budget.
+            # Waiting for the step before the last keeps one step in flight while the next batch is prepared.
+            jax.block_until_ready(pending[-2][1])
+        if multi:
+            if step_ % config.train.log_every:
+                return False
+            from jax.experimental import multihost_utils
+
+            spent = time.perf_counter() - t_loop >= config.train.max_seconds
+            return bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+        return time.perf_counter() - t_loop >= config.train.max_seconds
+
     try:
         while step < config.train.steps:
             host = setup.objective.host_batch(next(data))
             data_state = data.state()
             batch = meshlib.global_batch(host, mesh)
             if step == start:
-                t_first = time.perf_counter()
+                t_first = t_loop = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 jax.block_until_ready(metrics)
                 say(f"compiled and ran the first step in {time.perf_counter() - t_first:.1f}s")
@@ -504,6 +524,13 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
                 saved_step = step
             for hook in hooks:
                 hook(step, state)
+            if budget_spent(step):
+                flush()
+                if saved_step != step:
+                    ckpt.save(step, state, meta_for(step, data_state), force=True)
+                    saved_step = step
+                say(f"train.max_seconds={config.train.max_seconds:g} spent at step {step} of {config.train.steps}")
+                break
             if preemption.reached(step):
                 flush()
                 if saved_step != step:
@@ -578,9 +605,11 @@ def make_data_iterator(config: Config, mesh, workdir: Path, echo: Callable[[str]
     if not d.path:
         raise ConfigError("no training data: pass --data (a folder of videos, moving_shapes:N, or a prepared "
                           "TFDS dataset folder) or set data.path")
+    resolution = (d.height, d.width)
+    if d.in_memory:
+        return _in_memory_shapes(config, mesh, echo)
     from vldm_jax.data import DataIterator as TFDSIterator, default_data_dir, prepare_dataset
 
-    resolution = (d.height, d.width)
 
     def prepare():
         return prepare_dataset(d.path, default_data_dir(workdir), num_frames=d.num_frames, resolution=resolution,
@@ -608,3 +637,26 @@ def make_data_iterator(config: Config, mesh, workdir: Path, echo: Callable[[str]
         raise UserError(f"{str(e).splitlines()[0]}: this process feeds {local // d.batch_size_per_device} device(s) "
                         f"x data.batch_size_per_device={d.batch_size_per_device}; lower data.batch_size_per_device "
                         "or add videos") from None
+
+
+def _in_memory_shapes(config: Config, mesh, echo: Callable[[str], None]) -> ArrayBatches:
+    """``data.in_memory``: the moving-shapes examples rendered with numpy into host memory (no TensorFlow), uint8
+    frames (the objectives scale them on the device), shuffled per epoch; each process keeps its own slice of
+    every global batch, as with the TFDS pipeline."""
+    from vldm_jax.data.moving_shapes import render_arrays
+    d = config.data
+    text = str(d.path)
+    count = d.num_examples
+    if ":" in text:
+        try:
+            count = int(text.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"bad dataset {text!r}: write moving_shapes:N with N a number of examples") from None
+    t0 = time.perf_counter()
+    arrays = render_arrays(count, seed=d.seed, num_frames=d.num_frames, size=(d.height, d.width))
+    arrays["image_only_indicator"] = np.zeros(arrays["video"].shape[:2], np.float32)
+    echo(f"rendered {count} moving-shapes clips of {d.num_frames} frames into memory "
+         f"({arrays['video'].nbytes / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f}s")
+    local = meshlib.local_batch_size(d.batch_size_per_device, mesh)
+    return ArrayBatches(arrays, local, seed=d.seed, shuffle=d.shuffle, process_index=jax.process_index(),
+                        process_count=jax.process_count())
