@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # vldm_jax from this checkout
 from benchmark import SIZES, Jax, _hw, _randn, stats  # noqa: E402
 
 DEVICE = "cuda"

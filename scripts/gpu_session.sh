@@ -56,7 +56,7 @@ if [ "$left" -gt 30 ]; then
     log "gpu_check for at most ${left}s"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/diffusers \
         .whl/diffusers-*.whl
-    PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/diffusers timeout "$left" python3 scripts/gpu_check.py \
+    PYTHONPATH=$PWD:${PYTHONPATH:+$PYTHONPATH:}/tmp/diffusers timeout "$left" python3 scripts/gpu_check.py \
         --out "$OUT/gpu_check.json" --reps 20 2>&1 | grep -v "should be kept in float32" | cut -c1-400
 fi
 log "end"

@@ -95,6 +95,10 @@ class ObjectiveConfig:
     text_dropout: float = 0.0
     # Offset noise strength (0 = off).
     noise_offset: float = 0.0
+    # Fraction of clips whose timestep is drawn from the upper half of the schedule instead of all of it. At high
+    # noise x_t no longer shows where things move, so only the conditioning (the text's direction) can; a
+    # temporal stage spends more of its steps there. 0 = uniform timesteps (the usual training).
+    high_noise_fraction: float = 0.0
     # Sampler used for the sample GIFs.
     sample_scheduler: str = "ddim"
     sample_steps: int = 10
@@ -329,6 +333,8 @@ def validate(config: Config) -> None:
     """Cross-field checks that a dataclass field type cannot express."""
     if config.train.steps < 0:
         raise ConfigError(f"train.steps must be >= 0 (got {config.train.steps})")
+    if not 0.0 <= config.objective.high_noise_fraction <= 1.0:
+        raise ConfigError(f"objective.high_noise_fraction must be in [0, 1] (got {config.objective.high_noise_fraction})")
     if config.train.max_seconds < 0:
         raise ConfigError(f"train.max_seconds must be >= 0 (got {config.train.max_seconds})")
     if config.data.in_memory and config.data.path and not str(config.data.path).startswith("moving_shapes"):

@@ -101,6 +101,7 @@ class TemporalObjective:
     image_ratio: float = 0.0
     text_dropout: float = 0.0
     noise_offset: float = 0.0
+    high_noise_fraction: float = 0.0
     clip_skip: int = 0
     tokenizer: Any = None
     # Token ids (S,) of the empty prompt (encode_in_step) or its context (S, D) (precomputed), for text dropout
@@ -170,6 +171,17 @@ class TemporalObjective:
             flags = flags | (batch["image_only_indicator"] > 0.5)
         return flags
 
+    def sample_timesteps(self, key, b: int):
+        """``(B,)`` integer timesteps: uniform, except that a ``high_noise_fraction`` of the clips draw from the upper
+        half of the schedule."""
+        n = self.schedule.num_train_timesteps
+        t = jax.random.randint(key, (b,), 0, n)
+        if self.high_noise_fraction > 0:
+            k_high, k_pick = jax.random.split(jax.random.fold_in(key, 1))
+            high = jax.random.randint(k_high, (b,), n // 2, n)
+            t = jnp.where(jax.random.bernoulli(k_pick, self.high_noise_fraction, (b,)), high, t)
+        return t
+
     def noised(self, model: VideoModels, batch, key):
         """One step's diffusion inputs: clean latents ``x0`` ``(B, F, h, w, C)``, the text context (with text
         dropout applied), the timesteps ``t`` ``(B,)``, the noised latents ``x_t`` and the denoiser's target."""
@@ -183,7 +195,7 @@ class TemporalObjective:
         if self.noise_offset:
             # Per-video, per-channel offset (shared by all frames and pixels).
             noise = noise + self.noise_offset * jax.random.normal(k_off, (b, 1, 1, 1, x0.shape[-1]))
-        t = jax.random.randint(k_t, (b,), 0, self.schedule.num_train_timesteps)
+        t = self.sample_timesteps(k_t, b)
         x_t = schedules.add_noise(self.schedule, x0, noise, t)
         target = schedules.training_target(self.schedule, x0, noise, t)
         return x0, context, t, x_t, target
@@ -257,6 +269,7 @@ def make_temporal_objective(objective_cfg, scheduler_config: Mapping[str, Any], 
         schedule=noise_schedule(sched), scheduler_config=sched, scaling_factor=float(scaling),
         shift_factor=float(shift or 0.0), encode_in_step=cfg.encode_in_step, sample_posterior=cfg.sample_posterior,
         image_ratio=cfg.image_ratio, text_dropout=cfg.text_dropout, noise_offset=cfg.noise_offset,
+        high_noise_fraction=cfg.high_noise_fraction,
         clip_skip=clip_skip, tokenizer=tokenizer, null_condition=null, sample_scheduler=cfg.sample_scheduler,
         sample_steps=cfg.sample_steps, sample_guidance=cfg.sample_guidance)
 
