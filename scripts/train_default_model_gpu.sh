@@ -12,6 +12,10 @@
 # stage). The VAE is the shipped one (vldm_jax/assets/default_model/vae: stage 1 of the CPU recipe plus its
 # decoder fine-tuning), so the latent space does not change.
 #
+# Measured (session 4, one H200, DEADLINE=450 IMAGE_SECONDS=190, 421 s in all): image LDM 2262 steps at 19 steps/s
+# after 71 s of compilation; key-frame 667 and interpolation 544 steps at 15 and 12 steps/s side by side, after 110 s
+# of compilation each (both compiled at once). With a budget this short compilation is a third of it; with
+# XLA_FLAGS=--xla_gpu_autotune_level=0 the key-frame stage's first step still took 93 s.
 # Environment: RUNS (default runs/gpu), DEADLINE (seconds from the start for the whole script, default 560),
 # IMAGE_SECONDS (training seconds of the image stage, default 220), PYTHON (default python), EXAMPLES (clips per
 # stage, default 20000), EXTRA (more --set options for every stage).
