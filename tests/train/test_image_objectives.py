@@ -204,5 +204,11 @@ def test_render_arrays_matches_the_dataset_examples():
 
 
 def test_in_memory_needs_moving_shapes():
+    from vldm_jax.errors import UserError
+
     with pytest.raises(ConfigError, match="in_memory"):
         load_config(data={"data": {"path": "/some/videos", "in_memory": True}})
+    with pytest.raises(ConfigError, match="in_memory"):
+        load_config(data={"data": {"path": "moving_shapesX", "in_memory": True}})
+    with pytest.raises(UserError, match="moving_shapes:N"):
+        load_config(data={"data": {"path": "moving_shapes:many", "in_memory": True}})

@@ -165,6 +165,22 @@ def example(index: int, *, seed: int = 0, num_frames: int = 16, size: int | tupl
     }
 
 
+def parse_dataset_name(text: str, default_count: int) -> int | None:
+    """The example count of a ``"moving_shapes"`` / ``"moving_shapes:N"`` dataset name (``default_count`` when no N
+    is given); None when ``text`` names something else."""
+    text = os.fspath(text)
+    if text != "moving_shapes" and not text.startswith("moving_shapes:"):
+        return None
+    if ":" not in text:
+        return default_count
+    try:
+        return int(text.split(":", 1)[1])
+    except ValueError:
+        from vldm_jax.errors import UserError
+
+        raise UserError(f"bad dataset {text!r}: write moving_shapes:N with N a number of examples") from None
+
+
 def _render_range(args) -> tuple[np.ndarray, list[str]]:
     start, stop, seed, num_frames, size, speed_in_caption = args
     items = [example(i, seed=seed, num_frames=num_frames, size=size, speed_in_caption=speed_in_caption)

@@ -298,15 +298,12 @@ def prepare_dataset(data: str | os.PathLike, data_dir: str | os.PathLike, *, num
         and listed in ``builder.skipped``.
     """
     text = os.fspath(data)
-    if text == "moving_shapes" or text.startswith("moving_shapes:"):
+    from vldm_jax.data.moving_shapes import parse_dataset_name
+
+    count = parse_dataset_name(text, num_examples)
+    if count is not None:
         from vldm_jax.data.moving_shapes import prepare_moving_shapes
 
-        count = num_examples
-        if ":" in text:
-            try:
-                count = int(text.split(":", 1)[1])
-            except ValueError:
-                raise UserError(f"bad dataset {text!r}: write moving_shapes:N with N a number of examples") from None
         size = resolution if isinstance(resolution, int) else tuple(resolution)
         return prepare_moving_shapes(data_dir, num_examples=count, num_frames=num_frames, size=size, seed=seed)
     if os.path.isfile(os.path.join(text, "dataset_info.json")):

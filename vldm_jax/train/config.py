@@ -329,6 +329,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return config
 
 
+def _moving_shapes_count(path) -> int | None:
+    from vldm_jax.data.moving_shapes import parse_dataset_name
+
+    return parse_dataset_name(str(path), 0)
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that a dataclass field type cannot express."""
     if config.train.steps < 0:
@@ -337,7 +343,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"objective.high_noise_fraction must be in [0, 1] (got {config.objective.high_noise_fraction})")
     if config.train.max_seconds < 0:
         raise ConfigError(f"train.max_seconds must be >= 0 (got {config.train.max_seconds})")
-    if config.data.in_memory and config.data.path and not str(config.data.path).startswith("moving_shapes"):
+    if config.data.in_memory and config.data.path and _moving_shapes_count(config.data.path) is None:
         raise ConfigError(f"data.in_memory renders the procedural moving_shapes data only (data.path is "
                           f"{config.data.path!r})")
     if config.data.batch_size_per_device < 1:

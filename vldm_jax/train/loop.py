@@ -643,15 +643,10 @@ def _in_memory_shapes(config: Config, mesh, echo: Callable[[str], None]) -> Arra
     """``data.in_memory``: the moving-shapes examples rendered with numpy into host memory (no TensorFlow), uint8
     frames (the objectives scale them on the device), shuffled per epoch; each process keeps its own slice of
     every global batch, as with the TFDS pipeline."""
-    from vldm_jax.data.moving_shapes import render_arrays
+    from vldm_jax.data.moving_shapes import parse_dataset_name, render_arrays
+
     d = config.data
-    text = str(d.path)
-    count = d.num_examples
-    if ":" in text:
-        try:
-            count = int(text.split(":", 1)[1])
-        except ValueError:
-            raise UserError(f"bad dataset {text!r}: write moving_shapes:N with N a number of examples") from None
+    count = parse_dataset_name(str(d.path), d.num_examples)
     t0 = time.perf_counter()
     arrays = render_arrays(count, seed=d.seed, num_frames=d.num_frames, size=(d.height, d.width))
     arrays["image_only_indicator"] = np.zeros(arrays["video"].shape[:2], np.float32)
