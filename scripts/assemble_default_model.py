@@ -59,10 +59,17 @@ def main(argv=None) -> int:
     interp_file = runs / "interpolation" / "temporal.safetensors"
     if interp_file.exists():
         interpolator = video_unet(image.unet, ROOT / "configs/shapes/interpolation.yaml", interp_file, 1)
+    text_encoder = image.text_encoder
+    trained_text = runs / "video" / "text_encoder"
+    if trained_text.exists():  # objective.train_text_encoder: the key-frame stage trained the text encoder too
+        from vldm_jax.checkpoints.load import load_model
+
+        text_encoder = load_model(trained_text)
+        print(f"text encoder: {trained_text}")
     defaults = dict(DEFAULTS)
     if interpolator is None:
         defaults["interpolate"] = 1
-    pipe = TextToVideoPipeline(keyframes, vae, image.text_encoder, image.tokenizer, image.scheduler_config,
+    pipe = TextToVideoPipeline(keyframes, vae, text_encoder, image.tokenizer, image.scheduler_config,
                                interpolator=interpolator, predictor=keyframes, clip_skip=image.clip_skip,
                                defaults=defaults)
     pipe.save_pretrained(args.out, overwrite=True)

@@ -302,6 +302,35 @@ def test_training_steps_through_the_loop(tmp_path, name, module):
     assert temporal_config["context_conditioning"] == cfg.model.temporal["context_conditioning"]
 
 
+def test_train_text_encoder_trains_it_beside_the_temporal_layers_and_exports_it(tmp_path):
+    """objective.train_text_encoder: the text encoder's weights train with the temporal layers (the spatial U-Net
+    stays bit-identical) and are written as workdir/text_encoder, which loads as a CLIPTextModel."""
+    from vldm_jax.checkpoints.load import load_model
+    from vldm_jax.train.loop import train
+
+    cfg = config("prediction_tiny", "data.path=moving_shapes:8", "data.in_memory=true", "train.steps=2",
+                 "train.sample_every=0", "train.checkpoint_every=2", "optim.warmup_steps=0",
+                 "optim.learning_rate=1e-2", "objective.train_text_encoder=true")
+    snapshots = {}
+
+    def keep(step, state):
+        snapshots[step] = (_flat(jax.device_get(state.trainable)), _flat(jax.device_get(state.frozen)))
+
+    train(cfg, workdir=tmp_path, hooks=[keep], echo=lambda m: None)
+    (t1, f1), (t2, f2) = snapshots[1], snapshots[2]
+    text = [k for k in t1 if k.startswith("text_encoder")]
+    assert text and all(is_temporal_path(k) for k in t1 if k.startswith("unet"))
+    assert not any(k.startswith("text_encoder") for k in f1)
+    assert any(not np.array_equal(t1[k], t2[k]) for k in text)
+    for k in f1:
+        np.testing.assert_array_equal(f1[k], f2[k])
+    encoder = load_model(tmp_path / "text_encoder")
+    ids = np.zeros((1, 77), np.int32)
+    assert np.isfinite(np.asarray(encoder.encode(ids))).all()
+    with pytest.raises(ConfigError, match="encode_in_step"):
+        config("prediction_tiny", "objective.train_text_encoder=true", "objective.encode_in_step=false")
+
+
 # ------------------------------------------------------------------------------------------------ overfit
 
 @pytest.mark.slow

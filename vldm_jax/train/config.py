@@ -99,6 +99,10 @@ class ObjectiveConfig:
     # noise x_t no longer shows where things move, so only the conditioning (the text's direction) can; a
     # temporal stage spends more of its steps there. 0 = uniform timesteps (the usual training).
     high_noise_fraction: float = 0.0
+    # Temporal stages: train the text encoder too (with encode_in_step), so that words the image stage could not
+    # learn (a direction) can move the frozen spatial layers' features that the temporal layers mix. Exported beside
+    # the temporal layers as workdir/text_encoder.
+    train_text_encoder: bool = False
     # Sampler used for the sample GIFs.
     sample_scheduler: str = "ddim"
     sample_steps: int = 10
@@ -341,6 +345,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.steps must be >= 0 (got {config.train.steps})")
     if not 0.0 <= config.objective.high_noise_fraction <= 1.0:
         raise ConfigError(f"objective.high_noise_fraction must be in [0, 1] (got {config.objective.high_noise_fraction})")
+    if config.objective.train_text_encoder and not config.objective.encode_in_step:
+        raise ConfigError("objective.train_text_encoder needs objective.encode_in_step (the text encoder runs in the step)")
     if config.train.max_seconds < 0:
         raise ConfigError(f"train.max_seconds must be >= 0 (got {config.train.max_seconds})")
     if config.data.in_memory and config.data.path and _moving_shapes_count(config.data.path) is None:

@@ -408,6 +408,12 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
     tx, schedule = statelib.make_optimizer(config.optim, config.train.steps)
     filter_fn = getattr(setup.objective, "trainable_filter", None) or statelib.trainable_filter(
         config.model.trainable, setup.objective.trained_module)
+    if getattr(setup.objective, "train_text_encoder", False):
+        unet_filter = filter_fn
+        text_filter = statelib.trainable_filter("all", "text_encoder")
+
+        def filter_fn(path, value):
+            return unet_filter(path, value) or text_filter(path, value)
     graphdef, state, shardings = init_state(setup, config, mesh, tx, filter_fn)
     fingerprint = _frozen_fingerprint(state.frozen)
 
@@ -577,6 +583,13 @@ def _export_temporal(graphdef, state: statelib.TrainState, workdir: Path, say) -
 
     path = save_temporal(unet, workdir / "temporal.safetensors", overwrite=True)
     say(f"wrote the {'EMA ' if state.ema is not None else ''}temporal layers to {path}")
+    if getattr(models, "text_encoder", None) is not None and "text_encoder" in dict(params):
+        # objective.train_text_encoder: the next stages and the pipeline need the text encoder this run trained.
+        from vldm_jax.checkpoints.store import atomic_folder, save_module
+
+        with atomic_folder(workdir / "text_encoder", overwrite=True) as tmp:
+            save_module(models.text_encoder, tmp)
+        say(f"wrote the trained text encoder to {workdir / 'text_encoder'}")
 
 
 def _write_samples(sampler, state, batch, step: int, workdir: Path, log: MetricsLog, seed: int) -> None:

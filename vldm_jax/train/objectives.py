@@ -102,6 +102,7 @@ class TemporalObjective:
     text_dropout: float = 0.0
     noise_offset: float = 0.0
     high_noise_fraction: float = 0.0
+    train_text_encoder: bool = False
     clip_skip: int = 0
     tokenizer: Any = None
     # Token ids (S,) of the empty prompt (encode_in_step) or its context (S, D) (precomputed), for text dropout
@@ -150,7 +151,9 @@ class TemporalObjective:
         else:
             latents = batch["latents"].astype(jnp.float32)
             context = batch["encoder_hidden_states"]
-        return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(context)
+        if not self.train_text_encoder:
+            context = jax.lax.stop_gradient(context)
+        return jax.lax.stop_gradient(latents), context
 
     def null_context(self, model: VideoModels, batch_size: int):
         null = jnp.asarray(self.null_condition)
@@ -269,7 +272,7 @@ def make_temporal_objective(objective_cfg, scheduler_config: Mapping[str, Any], 
         schedule=noise_schedule(sched), scheduler_config=sched, scaling_factor=float(scaling),
         shift_factor=float(shift or 0.0), encode_in_step=cfg.encode_in_step, sample_posterior=cfg.sample_posterior,
         image_ratio=cfg.image_ratio, text_dropout=cfg.text_dropout, noise_offset=cfg.noise_offset,
-        high_noise_fraction=cfg.high_noise_fraction,
+        high_noise_fraction=cfg.high_noise_fraction, train_text_encoder=cfg.train_text_encoder,
         clip_skip=clip_skip, tokenizer=tokenizer, null_condition=null, sample_scheduler=cfg.sample_scheduler,
         sample_steps=cfg.sample_steps, sample_guidance=cfg.sample_guidance)
 
