@@ -233,6 +233,17 @@ def _randn(rng, shape):
 # ----------------------------------------------------------------------------- the items
 
 
+def video_unet_inputs(cfg, c, rng):
+    """Random inputs of the SVD-type video U-Net item (config ``c``): latents ``(B, F, h, w, C)`` channels-last,
+    image-embedding context ``(B, 1, D)`` and added time ids ``(B, n)``."""
+    b, f, (h, w) = cfg["video"]["batch"], cfg["video"]["frames"], _hw(cfg["video"]["latent"])
+    x = _randn(rng, (b, f, h, w, c.in_channels))
+    ctx = _randn(rng, (b, 1, c.cross_attention_dim))
+    ids = rng.uniform(0, 128, (b, c.projection_class_embeddings_input_dim // c.addition_time_embed_dim)).astype(
+        np.float32)
+    return x, ctx, ids
+
+
 def bench_video_unet(cfg, folder, reps, peak, rng):
     import diffusers
     import jax.numpy as jnp
@@ -247,10 +258,7 @@ def bench_video_unet(cfg, folder, reps, peak, rng):
     model = vldm_jax.load_model(folder)
     c = ref.config
     b, f, (h, w) = cfg["video"]["batch"], cfg["video"]["frames"], _hw(cfg["video"]["latent"])
-    x = _randn(rng, (b, f, h, w, c.in_channels))
-    ctx = _randn(rng, (b, 1, c.cross_attention_dim))
-    ids = rng.uniform(0, 128, (b, c.projection_class_embeddings_input_dim // c.addition_time_embed_dim)).astype(
-        np.float32)
+    x, ctx, ids = video_unet_inputs(cfg, c, rng)
     t = np.float32(500.0)
     graphdef, state = nnx.split(model)
     ours = Jax(lambda s, x, t, ctx, ids: nnx.merge(graphdef, s)(x, t, ctx, ids), state, jnp.asarray(x),

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # vldm_jax from this checkout
-from benchmark import SIZES, Jax, _hw, _randn, stats  # noqa: E402
+from benchmark import SIZES, Jax, _hw, _randn, stats, video_unet_inputs  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -87,7 +87,6 @@ def _timed(fn) -> float:
 
 def check_unet(kind: str, size: str, reps: int, folder: Path) -> list[dict]:
     import diffusers
-    import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
@@ -101,10 +100,7 @@ def check_unet(kind: str, size: str, reps: int, folder: Path) -> list[dict]:
         ref = diffusers.UNetSpatioTemporalConditionModel(**cfg["video_unet"]).eval()
         c = ref.config
         b, f, (h, w) = cfg["video"]["batch"], cfg["video"]["frames"], _hw(cfg["video"]["latent"])
-        x = _randn(rng, (b, f, h, w, c.in_channels))
-        ctx = _randn(rng, (b, 1, c.cross_attention_dim))
-        ids = rng.uniform(0, 128, (b, c.projection_class_embeddings_input_dim // c.addition_time_embed_dim)).astype(
-            np.float32)
+        x, ctx, ids = video_unet_inputs(cfg, c, rng)
         ours_args = (x, np.float32(500.0), ctx, ids)
         torch_args = (x.transpose(0, 1, 4, 2, 3).copy(), None, ctx, ids)
 
@@ -152,7 +148,7 @@ def check_unet(kind: str, size: str, reps: int, folder: Path) -> list[dict]:
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("ours", "diffusers")},
               {"ours_ms": 1e3 * ours["median_s"], "diffusers_ms": 1e3 * theirs["median_s"]}, flush=True)
-        del model, state, tm
+        del model, state
     # bf16 against the float32 diffusers output: what precision costs.
     rows[-1]["rel_err_bf16_vs_fp32_diffusers"] = rel(outputs["bfloat16"][0], outputs["float32"][1])
     rows[-1]["rel_err_diffusers_bf16_vs_fp32"] = rel(outputs["bfloat16"][1], outputs["float32"][1])
