@@ -530,19 +530,16 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
                 saved_step = step
             for hook in hooks:
                 hook(step, state)
-            if budget_spent(step):
+            out_of_time = budget_spent(step)
+            if out_of_time or preemption.reached(step):
                 flush()
                 if saved_step != step:
                     ckpt.save(step, state, meta_for(step, data_state), force=True)
                     saved_step = step
-                say(f"train.max_seconds={config.train.max_seconds:g} spent at step {step} of {config.train.steps}")
-                break
-            if preemption.reached(step):
-                flush()
-                if saved_step != step:
-                    ckpt.save(step, state, meta_for(step, data_state), force=True)
-                    saved_step = step
-                preempted = True
+                if out_of_time:  # ends as at the last step (export); a preempted run does not export
+                    say(f"train.max_seconds={config.train.max_seconds:g} spent at step {step} of {config.train.steps}")
+                else:
+                    preempted = True
                 break
         flush()
         ckpt.wait()
@@ -622,7 +619,6 @@ def make_data_iterator(config: Config, mesh, workdir: Path, echo: Callable[[str]
     if d.in_memory:
         return _in_memory_shapes(config, mesh, echo)
     from vldm_jax.data import DataIterator as TFDSIterator, default_data_dir, prepare_dataset
-
 
     def prepare():
         return prepare_dataset(d.path, default_data_dir(workdir), num_frames=d.num_frames, resolution=resolution,
