@@ -307,3 +307,46 @@ def test_relative_positions_depend_on_distance_only():
 def test_from_image_unet_refuses_a_video_unet(setup):
     with pytest.raises(ConfigError, match="image U-Net"):
         VideoUNet.from_image_unet(setup.video)
+
+
+# ------------------------------------------------------------------------------- temporal context length
+
+def test_temporal_context_length_limits_what_the_temporal_layers_read():
+    from vldm_jax.nn.temporal import TransformerSpatioTemporalModel
+
+    def module(length):
+        m = TransformerSpatioTemporalModel(2, 16, 32, cross_attention_dim=16, norm_num_groups=8,
+                                           frame_position_encoding="relative", relative_position_dim=8,
+                                           zero_init=False, temporal_context_length=length, rngs=nnx.Rngs(0))
+        spatial_out = m.transformer_blocks[0].attn2.to_out[0]  # the spatial layers stop reading the text
+        spatial_out.kernel.set_value(jnp.zeros_like(spatial_out.kernel[...]))
+        return m
+
+    rng = np.random.default_rng(0)
+    f = 3
+    x = jnp.asarray(rng.standard_normal((2 * f, 4, 4, 32)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 6, 16)), jnp.float32)
+    late = ctx.at[:, 2:].add(1.0)   # tokens past the length
+    early = ctx.at[:, 1].add(1.0)   # a token inside it
+    ind = jnp.zeros((2, f))
+
+    def run(m, c):
+        return np.asarray(m(x, jnp.repeat(c, f, axis=0), num_frames=f, image_only_indicator=ind))
+
+    short, full = module(2), module(None)
+    base = run(short, ctx)
+    assert np.abs(run(short, late) - base).max() == 0.0
+    assert np.abs(run(short, early) - base).max() > 1e-3
+    assert np.abs(run(full, late) - run(full, ctx)).max() > 1e-3
+    # The same weights read the same tokens: the short module on a 6-token context equals the full one on 2 tokens.
+    np.testing.assert_allclose(base, run(full, ctx[:, :2]), atol=1e-5)
+
+
+def test_temporal_context_length_is_checked_and_stored(setup, tmp_path):
+    from vldm_jax.checkpoints.temporal import load_temporal, save_temporal
+
+    with pytest.raises(ConfigError, match="temporal_context_length"):
+        TemporalConfig(temporal_context_length=0)
+    video = VideoUNet.from_image_unet(setup.image, TemporalConfig.paper(temporal_context_length=2))
+    save_temporal(video, tmp_path / "t.safetensors")
+    assert load_temporal(setup.image, tmp_path / "t.safetensors").config.temporal_context_length == 2

@@ -554,6 +554,11 @@ class TemporalConfig:
     initial value (a logit for the learned strategies: alpha = sigmoid(merge_factor)).
     ``num_frames``: the frame count the model was trained for (SVD's config field; the forward pass
     takes any count).
+    ``temporal_context_length``: the temporal cross-attention reads only the first this many context tokens
+    (None: all). For short captions padded to 77 tokens (the bundled moving-shapes model: at most 7 real
+    tokens), the caption's tokens are then most of the keys instead of 1 in 10, so a single word's
+    difference (the direction of motion) is not averaged away by 70 padding states. The spatial layers
+    always see the whole context.
 
     ``context_conditioning``: how context frames (prediction, interpolation) reach the model: ``"none"``;
     ``"temporal"`` (the paper: masked context latents and the mask, through a learned downsampling
@@ -571,9 +576,13 @@ class TemporalConfig:
     merge_strategy: str = "learned_with_images"
     merge_factor: float = 0.5
     context_conditioning: str = "none"
+    temporal_context_length: int | None = None
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.temporal_context_length is not None and int(self.temporal_context_length) < 1:
+            raise ConfigError(f"{name}: temporal_context_length must be a positive number of tokens or null, "
+                              f"got {self.temporal_context_length}")
         if self.context_conditioning not in CONTEXT_CONDITIONINGS:
             raise ConfigError(f"{name}: context_conditioning {self.context_conditioning!r} is not one of "
                               f"{', '.join(CONTEXT_CONDITIONINGS)}")
@@ -708,7 +717,8 @@ class _VideoLayers:
             norm_num_groups=groups, use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
             frame_position_encoding=t.frame_position_encoding, relative_position_dim=t.relative_position_dim,
             temporal_cross_attention=t.temporal_cross_attention, merge_factor=t.merge_factor,
-            merge_strategy=t.merge_strategy, rngs=rngs, dtype=dtype)
+            merge_strategy=t.merge_strategy, temporal_context_length=t.temporal_context_length,
+            rngs=rngs, dtype=dtype)
 
     def _resnet(self, j, x, temb, *, num_frames, image_only_indicator, context_features=()):
         return self.resnets[j](x, temb, num_frames=num_frames, image_only_indicator=image_only_indicator,

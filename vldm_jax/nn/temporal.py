@@ -257,7 +257,8 @@ class TransformerSpatioTemporalModel(Transformer2DModel):
     Frame positions: ``"absolute"`` (SVD) adds ``time_pos_embed(sinusoid(frame index))`` to the temporal
     branch's input; ``"relative"`` (the paper) biases the temporal self-attention by frame distance;
     ``"none"`` uses neither. Temporal cross-attention (``temporal_cross_attention``) sees the context of
-    each video's first frame (SVD; for text-to-video every frame has the same text).
+    each video's first frame (SVD; for text-to-video every frame has the same text), or with
+    ``temporal_context_length`` only its first that many tokens.
     """
 
     def __init__(self, num_attention_heads: int, attention_head_dim: int, in_channels: int, *,
@@ -266,7 +267,7 @@ class TransformerSpatioTemporalModel(Transformer2DModel):
                  frame_position_encoding: str = "absolute", relative_position_dim: int = 64,
                  temporal_cross_attention: bool = True, merge_factor: float = 0.5,
                  merge_strategy: str = "learned_with_images", zero_init: bool = True,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 temporal_context_length: int | None = None, rngs: nnx.Rngs, dtype=jnp.float32):
         if frame_position_encoding not in FRAME_POSITION_ENCODINGS:
             raise ConfigError(f"unknown frame_position_encoding {frame_position_encoding!r}; "
                               f"choose one of {FRAME_POSITION_ENCODINGS}")
@@ -293,6 +294,7 @@ class TransformerSpatioTemporalModel(Transformer2DModel):
         else:
             self.time_pos_embed = None
         self.time_mixer = AlphaBlender(merge_factor, merge_strategy, rngs=rngs)
+        self.temporal_context_length = temporal_context_length
 
     def __call__(self, x, context=None, *, num_frames: int, image_only_indicator=None, context_features=()):
         """x: ``(B*F, H, W, C)``; context: ``(B*F, S, D)`` (the text repeated per frame) or None;
@@ -301,6 +303,8 @@ class TransformerSpatioTemporalModel(Transformer2DModel):
         bf, h, w, c = x.shape
         tokens = self.proj_in(self.norm(x).reshape(bf, h * w, c))
         temporal_context = unfold_frames(context, num_frames)[:, 0] if context is not None else None
+        if temporal_context is not None and self.temporal_context_length is not None:
+            temporal_context = temporal_context[:, :self.temporal_context_length]
         frame_pos = None
         if self.time_pos_embed is not None:
             frame_pos = self.time_pos_embed(frame_index_embedding(num_frames, c).astype(tokens.dtype))
