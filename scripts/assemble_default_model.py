@@ -3,9 +3,9 @@
     python scripts/assemble_default_model.py [--runs runs/shapes] [--out vldm_jax/assets/default_model]
 
 Reads the image LDM pipeline (stage 2: VAE, text encoder, image U-Net, tokenizer, scheduler), builds the
-key-frame/prediction video U-Net and the interpolation U-Net from it with the temporal configs of
-configs/shapes/video.yaml and interpolation.yaml, loads the trained temporal layers (their
-``temporal.safetensors``), and writes one TextToVideoPipeline folder (the key-frame model serves as the
+key-frame/prediction video U-Net and the interpolation U-Net from it with the temporal configs stored in their
+``temporal.safetensors`` (RUNS/video and RUNS/interpolation, or --video / --interpolation), loads the trained
+temporal layers, and writes one TextToVideoPipeline folder (the key-frame model serves as the
 prediction model too and is stored once). The folder replaces ``--out`` atomically.
 """
 
@@ -22,13 +22,16 @@ DEFAULTS = {"num_frames": 5, "interpolate": 4, "interpolation_window": 3, "num_i
             "guidance_scale": 3.0, "fps": 4, "height": 64, "width": 64}
 
 
-def video_unet(image_unet, config_file: Path, temporal_file: Path, seed: int):
+def video_unet(image_unet, temporal_file: Path, seed: int):
+    """The image U-Net with the temporal layers of ``temporal_file``, built with the temporal config stored in the file
+    (the run's, --set overrides included)."""
+    from vldm_jax.checkpoints.temporal import read_temporal
     from vldm_jax.models.unet import TemporalConfig, VideoUNet
-    from vldm_jax.train.config import load_config
     from vldm_jax.train.context_objectives import load_temporal_arrays
 
-    config = load_config(config_file)
-    temporal = TemporalConfig.paper(**config.model.temporal)
+    _, stored = read_temporal(temporal_file)
+    temporal = TemporalConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in stored.items() if k in TemporalConfig.fields()})
     unet = VideoUNet.from_image_unet(image_unet, temporal, seed=seed)
     return load_temporal_arrays(unet, str(temporal_file))
 
@@ -40,8 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--image-vae", action="store_true", help="keep the image stage's VAE (ignore vae_decoder)")
     p.add_argument("--image", default=None,
                    help="the image LDM pipeline the temporal stages were trained on (default RUNS/image/export/pipeline)")
+    p.add_argument("--video", default=None, help="the key-frame/prediction run (default RUNS/video)")
+    p.add_argument("--interpolation", default=None, help="the interpolation run (default RUNS/interpolation)")
     args = p.parse_args(argv)
     runs = Path(args.runs)
+    video_run = Path(args.video) if args.video else runs / "video"
+    interp_run = Path(args.interpolation) if args.interpolation else runs / "interpolation"
 
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
     from vldm_jax.pipelines.text_to_video import TextToVideoPipeline
@@ -54,13 +61,13 @@ def main(argv=None) -> int:
 
         vae = load_model(decoder)
         print(f"VAE: {decoder}")
-    keyframes = video_unet(image.unet, ROOT / "configs/shapes/video.yaml", runs / "video" / "temporal.safetensors", 0)
+    keyframes = video_unet(image.unet, video_run / "temporal.safetensors", 0)
     interpolator = None
-    interp_file = runs / "interpolation" / "temporal.safetensors"
+    interp_file = interp_run / "temporal.safetensors"
     if interp_file.exists():
-        interpolator = video_unet(image.unet, ROOT / "configs/shapes/interpolation.yaml", interp_file, 1)
+        interpolator = video_unet(image.unet, interp_file, 1)
     text_encoder = image.text_encoder
-    trained_text = runs / "video" / "text_encoder"
+    trained_text = video_run / "text_encoder"
     if trained_text.exists():  # objective.train_text_encoder: the key-frame stage trained the text encoder too
         from vldm_jax.checkpoints.load import load_model
 

@@ -593,6 +593,8 @@ class TemporalConfig:
             raise ConfigError(f"{name}: merge_strategy {self.merge_strategy!r} is not one of "
                               f"{', '.join(MERGE_STRATEGIES)}")
         k = self.temporal_kernel_size
+        if isinstance(k, list):  # from YAML or a JSON config: the config is hashed (jit's static graphdef)
+            object.__setattr__(self, "temporal_kernel_size", k := tuple(k))
         if len(k) != 3 or any(int(v) < 1 or int(v) % 2 == 0 for v in k):
             raise ConfigError(f"{name}: temporal_kernel_size must be three odd sizes (F, H, W), got {k}")
         if self.relative_position_dim < 2 or self.relative_position_dim % 2:
