@@ -30,8 +30,7 @@ def video_unet(image_unet, temporal_file: Path, seed: int):
     from vldm_jax.train.context_objectives import load_temporal_arrays
 
     _, stored = read_temporal(temporal_file)
-    temporal = TemporalConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in stored.items() if k in TemporalConfig.fields()})
+    temporal = TemporalConfig.from_stored(stored)
     unet = VideoUNet.from_image_unet(image_unet, temporal, seed=seed)
     return load_temporal_arrays(unet, str(temporal_file))
 

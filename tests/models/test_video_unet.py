@@ -345,8 +345,14 @@ def test_temporal_context_length_limits_what_the_temporal_layers_read():
 def test_temporal_context_length_is_checked_and_stored(setup, tmp_path):
     from vldm_jax.checkpoints.temporal import load_temporal, save_temporal
 
-    with pytest.raises(ConfigError, match="temporal_context_length"):
-        TemporalConfig(temporal_context_length=0)
+    for bad in (0, 2.5, "8"):
+        with pytest.raises(ConfigError, match="temporal_context_length"):
+            TemporalConfig(temporal_context_length=bad)
+    # A stored (JSON) config: lists become tuples (the config is hashed), fields of other configs are ignored.
+    stored = TemporalConfig.from_stored({"temporal_kernel_size": [3, 3, 3], "temporal_context_length": 8,
+                                         "sample_size": 16})
+    assert stored.temporal_kernel_size == (3, 3, 3) and stored.temporal_context_length == 8
+    hash(stored)
     video = VideoUNet.from_image_unet(setup.image, TemporalConfig.paper(temporal_context_length=2))
     save_temporal(video, tmp_path / "t.safetensors")
     assert load_temporal(setup.image, tmp_path / "t.safetensors").config.temporal_context_length == 2

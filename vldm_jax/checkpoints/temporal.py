@@ -89,8 +89,7 @@ def load_temporal(module_or_path, path: str | os.PathLike, *, seed: int = 0) -> 
     from vldm_jax.models.unet import TemporalConfig, VideoUNet
 
     arrays, config = read_temporal(path)
-    temporal = TemporalConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in config.items() if k in TemporalConfig.fields()})
+    temporal = TemporalConfig.from_stored(config)
     if not isinstance(module_or_path, nnx.Module):
         from vldm_jax.checkpoints.load import load_model
 

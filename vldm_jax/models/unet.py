@@ -556,7 +556,7 @@ class TemporalConfig:
     takes any count).
     ``temporal_context_length``: the temporal cross-attention reads only the first this many context tokens
     (None: all). For short captions padded to 77 tokens (the bundled moving-shapes model: at most 7 real
-    tokens), the caption's tokens are then most of the keys instead of 1 in 10, so a single word's
+    tokens), the caption's tokens are then most of the keys instead of 7 of 77, so a single word's
     difference (the direction of motion) is not averaged away by 70 padding states. The spatial layers
     always see the whole context.
 
@@ -580,7 +580,8 @@ class TemporalConfig:
 
     def __post_init__(self):
         name = type(self).__name__
-        if self.temporal_context_length is not None and int(self.temporal_context_length) < 1:
+        n = self.temporal_context_length
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ConfigError(f"{name}: temporal_context_length must be a positive number of tokens or null, "
                               f"got {self.temporal_context_length}")
         if self.context_conditioning not in CONTEXT_CONDITIONINGS:
@@ -608,6 +609,11 @@ class TemporalConfig:
     @classmethod
     def fields(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(TemporalConfig))
+
+    @classmethod
+    def from_stored(cls, config: dict) -> "TemporalConfig":
+        """The temporal settings of a stored (JSON) video U-Net config: its TemporalConfig fields, others ignored."""
+        return cls(**{k: v for k, v in config.items() if k in cls.fields()})
 
 
 VIDEO_DOWN_BLOCK_TYPES = DOWN_BLOCK_TYPES + ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal")
