@@ -302,9 +302,8 @@ class TransformerSpatioTemporalModel(Transformer2DModel):
         every temporal block's input sequences. Returns ``(B*F, H, W, C)``."""
         bf, h, w, c = x.shape
         tokens = self.proj_in(self.norm(x).reshape(bf, h * w, c))
-        temporal_context = unfold_frames(context, num_frames)[:, 0] if context is not None else None
-        if temporal_context is not None and self.temporal_context_length is not None:
-            temporal_context = temporal_context[:, :self.temporal_context_length]
+        temporal_context = (unfold_frames(context, num_frames)[:, 0, :self.temporal_context_length]
+                            if context is not None else None)  # a length of None keeps every token
         frame_pos = None
         if self.time_pos_embed is not None:
             frame_pos = self.time_pos_embed(frame_index_embedding(num_frames, c).astype(tokens.dtype))
