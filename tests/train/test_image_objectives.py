@@ -134,6 +134,44 @@ def test_image_export_is_a_pipeline_the_next_stages_load(image_run):
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref), atol=1e-4)
 
 
+def test_image_ldm_continues_from_a_pipeline(tmp_path, image_run, arrays):
+    """objective.options.init_from starts the U-Net and text encoder from an exported pipeline (its configs when
+    model.unet / model.text_encoder are left out), trains on from there, and refuses a model config that differs."""
+    from flax import nnx
+
+    from vldm_jax.pipelines.text_to_image import TextToImagePipeline
+    from vldm_jax.train.objectives import build_setup
+
+    workdir, _, vae_dir = image_run
+    folder = workdir / "export" / "pipeline"
+    before = TextToImagePipeline.from_pretrained(folder)
+    options = {"init_from": str(folder), "train_text_encoder": False}
+    setup = build_setup(stage_config("image", options, {"pretrained": str(vae_dir)}, steps=1))
+    start = setup.init_models()
+    for mine, theirs in ((start.unet, before.unet), (start.text_encoder, before.text_encoder)):
+        a, b = jax.tree.leaves(nnx.state(mine, nnx.Param)), jax.tree.leaves(nnx.state(theirs, nnx.Param))
+        assert len(a) == len(b) > 0
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+    config = stage_config("image", options, {"pretrained": str(vae_dir), "unet": TINY_UNET}, steps=2)
+    result = train(config, data=ArrayBatches(arrays, 4, seed=1), workdir=tmp_path, echo=lambda m: None)
+    names = {str(getattr(p[0], "key", p[0])) for p, _ in jax.tree_util.tree_flatten_with_path(result.state.trainable)[0]}
+    assert names == {"unet"}
+    after = TextToImagePipeline.from_pretrained(tmp_path / "export" / "pipeline")
+    ta, tb = (jax.tree.leaves(nnx.state(m.text_encoder, nnx.Param)) for m in (after, before))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(ta, tb))
+    ua, ub = (jax.tree.leaves(nnx.state(m.unet, nnx.Param)) for m in (after, before))
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(ua, ub))
+
+    with pytest.raises(ConfigError, match="model.unet differs from objective.options.init_from's in block_out_channels"):
+        build_setup(stage_config("image", options, {"pretrained": str(vae_dir),
+                                                    "unet": {**TINY_UNET, "block_out_channels": [16, 16]}}, steps=1))
+    with pytest.raises(ConfigError, match="not a pipeline folder"):
+        build_setup(stage_config("image", {"init_from": str(vae_dir)}, {"pretrained": str(vae_dir)}, steps=1))
+    with pytest.raises(ConfigError, match="needs model.unet"):
+        build_setup(stage_config("image", {}, {"pretrained": str(vae_dir), "text_encoder": TINY_TEXT}, steps=1))
+
+
 def test_setup_errors_name_the_problem(vae_run):
     vae_dir = str(vae_run[0] / "export" / "vae")
     from vldm_jax.train.objectives import build_setup

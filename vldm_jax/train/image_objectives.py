@@ -270,6 +270,11 @@ class ImageOptions:
     sample_scheduler: str = "ddim"
     sample_steps: int = 20
     sample_guidance: float = 3.0
+    # A text-to-image pipeline folder (this objective's export/pipeline, or any TextToImagePipeline folder) whose
+    # U-Net and text encoder the run starts from instead of random weights: fine-tuning, or continuing a finished
+    # run with a new optimiser and schedule. model.unet / model.text_encoder may then be left out; given, they must
+    # match the pipeline's.
+    init_from: str = ""
 
 
 class ImageModels(nnx.Module):
@@ -421,11 +426,46 @@ def _load_vae(path: str, dtype):
     return vae
 
 
-def build_image_setup(config) -> Setup:
-    """``objective.name: image``: a random U-Net (``model.unet``) and text encoder (``model.text_encoder``) on the
-    frozen VAE of ``model.pretrained``."""
-    from vldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
+def _init_parts(folder: str, dtype):
+    """The U-Net and text encoder of the pipeline folder ``objective.options.init_from``."""
+    from vldm_jax.checkpoints.load import load_model
+    from vldm_jax.models.clip import CLIPTextModel
+    from vldm_jax.models.unet import UNet2DConditionModel
+
+    p = Path(folder)
+    if not ((p / "unet").is_dir() and (p / "text_encoder").is_dir()):
+        raise ConfigError(f"objective.options.init_from {folder}: not a pipeline folder with unet/ and "
+                          "text_encoder/ (an image stage's export/pipeline)")
+    unet = load_model(p / "unet", dtype=dtype)
+    text = load_model(p / "text_encoder", dtype=dtype)
+    if not isinstance(unet, UNet2DConditionModel) or not isinstance(text, CLIPTextModel):
+        raise ConfigError(f"objective.options.init_from {folder}: needs a UNet2DConditionModel and a CLIPTextModel "
+                          f"(found {type(unet).__name__} and {type(text).__name__})")
+    return unet, text
+
+
+def _stage_config(cls, given, loaded, where: str):
+    """``cls`` from the stage config's dict ``given``, or the ``loaded`` model's config when there is none; both
+    given, they must agree field by field."""
     from vldm_jax.models.config import config_from_dict
+
+    if not given:
+        if loaded is None:
+            raise ConfigError(f"objective image needs {where} (or objective.options.init_from, a pipeline folder "
+                              "to start from)")
+        return loaded
+    built = cls.from_dict(given) if hasattr(cls, "from_dict") else config_from_dict(cls, given)
+    if loaded is not None and built != loaded:
+        diff = [f.name for f in dataclasses.fields(cls) if getattr(built, f.name) != getattr(loaded, f.name)]
+        raise ConfigError(f"{where} differs from objective.options.init_from's in {', '.join(diff)}; leave "
+                          f"{where} out to use the pipeline's")
+    return built
+
+
+def build_image_setup(config) -> Setup:
+    """``objective.name: image``: a random U-Net (``model.unet``) and text encoder (``model.text_encoder``), or
+    those of ``objective.options.init_from``, on the frozen VAE of ``model.pretrained``."""
+    from vldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
     from vldm_jax.models.tokenizer import load_tokenizer, tokenize
     from vldm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
     from vldm_jax.train.state import compute_dtype
@@ -435,13 +475,11 @@ def build_image_setup(config) -> Setup:
     if not m.pretrained:
         raise ConfigError("objective image needs model.pretrained: the trained VAE's folder (objective vae's "
                           "export/vae) or a pipeline folder whose vae/ to use")
-    if not (m.unet and m.text_encoder):
-        raise ConfigError("objective image needs model.unet (UNet2DConditionModel config) and model.text_encoder "
-                          "(CLIPTextConfig)")
     dtype = compute_dtype(m.dtype)
     vae = _load_vae(m.pretrained, dtype)
-    unet_config = config_from_dict(UNet2DConditionConfig, m.unet)
-    text_config = CLIPTextConfig.from_dict(m.text_encoder)
+    start = _init_parts(options.init_from, dtype) if options.init_from else None
+    unet_config = _stage_config(UNet2DConditionConfig, m.unet, start and start[0].config, "model.unet")
+    text_config = _stage_config(CLIPTextConfig, m.text_encoder, start and start[1].config, "model.text_encoder")
     tokenizer = load_tokenizer(None)
     if text_config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.text_encoder.vocab_size {text_config.vocab_size} is smaller than the bundled CLIP "
@@ -464,6 +502,8 @@ def build_image_setup(config) -> Setup:
     seed = config.train.seed
 
     def init_models():
+        if start is not None:
+            return ImageModels(start[0], vae, start[1])
         rngs = nnx.Rngs(seed)
         unet = UNet2DConditionModel(unet_config, rngs=rngs, dtype=dtype)
         text = CLIPTextModel(text_config, rngs=rngs, dtype=dtype)
