@@ -178,6 +178,8 @@ def main(argv=None) -> int:
                    help="a Video LDM pipeline folder (no value: the bundled default model): text-to-video, "
                         "interpolation and animate rows")
     p.add_argument("--video-seeds", type=int, default=1, help="videos per prompt")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds of the video rows start here (e.g. seeds never looked at before: held out)")
     p.add_argument("--video-frames", type=int, default=5, help="frames of the image-only baseline")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0)
@@ -190,6 +192,9 @@ def main(argv=None) -> int:
     if out:
         out.mkdir(parents=True, exist_ok=True)
 
+    if args.first_seed < 0:
+        p.error("--first-seed must be >= 0")
+    video_seeds = range(args.first_seed, args.first_seed + args.video_seeds)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     videos, prompts = rendered(max(args.real, 1), args.frames, args.size)
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
     if args.independent:
         t = time.perf_counter()
         vids = np.concatenate([independent_frames(args.independent, args.video_frames, s, args.steps, args.guidance,
-                                                  args.scheduler) for s in range(args.video_seeds)])
+                                                  args.scheduler) for s in video_seeds])
         results["image LDM, frames independent"] = judge_many(vids, PROMPTS * args.video_seeds)
         timings["independent"] = time.perf_counter() - t
         if out:
@@ -262,7 +267,7 @@ def main(argv=None) -> int:
 
         t = time.perf_counter()
         folder = None if args.video == "default" else args.video
-        runs = [video_samples(folder, s, None, args.scheduler) for s in range(args.video_seeds)]
+        runs = [video_samples(folder, s, None, args.scheduler) for s in video_seeds]
         factor = runs[0][3]
         videos = np.concatenate([r[0] for r in runs])
         animated = np.concatenate([r[1] for r in runs])

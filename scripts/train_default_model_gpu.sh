@@ -16,6 +16,9 @@
 # after 71 s of compilation; key-frame 667 and interpolation 544 steps at 15 and 12 steps/s side by side, after 110 s
 # of compilation each (both compiled at once). With a budget this short compilation is a third of it; with
 # XLA_FLAGS=--xla_gpu_autotune_level=0 the key-frame stage's first step still took 93 s.
+# Session 6 (model 5) continued session 4's image LDM and session 5's video stages with IMAGE_FROM, VIDEO_FROM and
+# INTERPOLATION_FROM (below): image 3000 steps at 15 steps/s after 50 s of compilation, then both video stages
+# 1304 / 1310 steps after 97 s; the exact command is in docs/default_model.md.
 # Environment: RUNS (default runs/gpu), DEADLINE (seconds from the start for the whole script, default 560),
 # IMAGE_SECONDS (training seconds of the image stage, default 220), PYTHON (default python), EXAMPLES (clips per
 # stage, default 20000), EXTRA (more --set options for every stage).
