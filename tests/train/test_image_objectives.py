@@ -172,6 +172,40 @@ def test_image_ldm_continues_from_a_pipeline(tmp_path, image_run, arrays):
         build_setup(stage_config("image", {}, {"pretrained": str(vae_dir), "text_encoder": TINY_TEXT}, steps=1))
 
 
+def test_image_ldm_fine_tunes_a_diffusers_stable_diffusion_folder(tmp_path, arrays):
+    """init_from (and model.pretrained) may be a diffusers StableDiffusionPipeline folder: the run starts from its
+    U-Net and text encoder, whose outputs match the PyTorch modules, and fine-tunes the U-Net on our frames."""
+    import torch
+    from flax import nnx
+
+    from tests.helpers.tiny_sd import make_tiny_sd_pipeline, make_tiny_sd_pipeline_folder
+    from vldm_jax.train.objectives import build_setup
+
+    folder = make_tiny_sd_pipeline_folder(tmp_path / "sd")
+    ref = make_tiny_sd_pipeline(tmp_path / "sd_ref")  # the same seed: the same weights as the folder's
+    options = {"init_from": str(folder), "train_text_encoder": False}
+    config = stage_config("image", options, {"pretrained": str(folder)}, steps=2)
+    start = build_setup(config).init_models()
+    rng = np.random.default_rng(0)
+    sample_size = start.unet.config.sample_size
+    x = rng.standard_normal((1, sample_size, sample_size, start.unet.config.in_channels)).astype(np.float32)
+    ids = np.asarray(ref.tokenizer(["a red circle"], padding="max_length", max_length=77).input_ids)
+    with torch.no_grad():
+        ctx_ref = ref.text_encoder(torch.from_numpy(ids))[0]
+        out_ref = ref.unet(torch.from_numpy(x).permute(0, 3, 1, 2), 500, ctx_ref).sample.permute(0, 2, 3, 1).numpy()
+    ctx = start.text_encoder(jnp.asarray(ids))[0]
+    np.testing.assert_allclose(np.asarray(ctx), ctx_ref.numpy(), atol=1e-4)
+    out = start.unet(jnp.asarray(x), jnp.asarray([500]), ctx)
+    np.testing.assert_allclose(np.asarray(out), out_ref, atol=1e-4)
+
+    small = {"video": arrays["video"][:8, :, :, :, :], "caption": arrays["caption"][:8]}
+    result = train(config, data=ArrayBatches(small, 4, seed=0), workdir=tmp_path / "run", echo=lambda m: None)
+    assert [r["step"] for r in result.metrics] == [1, 2] and all(np.isfinite(r["loss"]) for r in result.metrics)
+    tuned = load_model(tmp_path / "run" / "export" / "pipeline" / "unet")
+    a, b = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (tuned, start.unet))
+    assert len(a) == len(b) and not all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, b))
+
+
 def test_setup_errors_name_the_problem(vae_run):
     vae_dir = str(vae_run[0] / "export" / "vae")
     from vldm_jax.train.objectives import build_setup

@@ -270,9 +270,9 @@ class ImageOptions:
     sample_scheduler: str = "ddim"
     sample_steps: int = 20
     sample_guidance: float = 3.0
-    # A text-to-image pipeline folder (this objective's export/pipeline, or any TextToImagePipeline folder) whose
-    # U-Net and text encoder the run starts from instead of random weights: fine-tuning, or continuing a finished
-    # run with a new optimiser and schedule. model.unet / model.text_encoder may then be left out; given, they must
+    # A text-to-image pipeline folder (this objective's export/pipeline, a diffusers Stable Diffusion folder) or hub
+    # id whose U-Net and text encoder the run starts from instead of random weights: fine-tuning, or continuing a
+    # finished run with a new optimiser and schedule. model.unet / model.text_encoder may then be left out; given, they must
     # match the pipeline's.
     init_from: str = ""
 
@@ -427,12 +427,17 @@ def _load_vae(path: str, dtype):
 
 
 def _init_parts(folder: str, dtype):
-    """The U-Net and text encoder of the pipeline folder ``objective.options.init_from``."""
-    from vldm_jax.checkpoints.load import load_model
+    """The U-Net and text encoder of ``objective.options.init_from``: a pipeline folder (ours, or a diffusers one
+    such as Stable Diffusion's) or a hub id of one."""
+    from vldm_jax.checkpoints.load import load_model, resolve_path
+    from vldm_jax.errors import CheckpointError
     from vldm_jax.models.clip import CLIPTextModel
     from vldm_jax.models.unet import UNet2DConditionModel
 
-    p = Path(folder)
+    try:
+        p = resolve_path(folder, allow_patterns=["model_index.json", "unet/*", "text_encoder/*"])
+    except CheckpointError as e:
+        raise ConfigError(f"objective.options.init_from: {e}") from None
     if not ((p / "unet").is_dir() and (p / "text_encoder").is_dir()):
         raise ConfigError(f"objective.options.init_from {folder}: not a pipeline folder with unet/ and "
                           "text_encoder/ (an image stage's export/pipeline)")
