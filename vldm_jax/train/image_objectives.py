@@ -22,6 +22,10 @@ These build the first half of a small Video LDM (the bundled moving-shapes model
     :class:`~vldm_jax.models.clip.CLIPTextModel` from scratch (``model.text_encoder``; the bundled CLIP tokenizer),
     epsilon (or v) prediction on the scheduler of ``model.scheduler``, with text dropout so classifier-free
     guidance works. Frames of video batches ``(B, F, H, W, 3)`` are independent images (captions repeated).
+    With ``objective.options.init_from`` (a pipeline folder: an earlier export, a diffusers Stable Diffusion
+    folder, or a hub id of one) the U-Net and text encoder start from that pipeline's weights instead: a finished
+    run continues with a new schedule, or Stable Diffusion fine-tunes on the frames (diffusers'
+    ``train_text_to_image``).
 
 Each setup's objective has ``export(models, workdir, data, say)``, which the loop calls after the last step with
 the final (EMA when kept) weights: ``vae`` writes ``workdir/export/vae`` (our converted format, loadable by
