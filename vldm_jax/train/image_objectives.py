@@ -276,8 +276,8 @@ class ImageOptions:
     sample_guidance: float = 3.0
     # A text-to-image pipeline folder (this objective's export/pipeline, a diffusers Stable Diffusion folder) or hub
     # id whose U-Net and text encoder the run starts from instead of random weights: fine-tuning, or continuing a
-    # finished run with a new optimiser and schedule. model.unet / model.text_encoder may then be left out; given, they must
-    # match the pipeline's.
+    # finished run with a new optimiser and schedule. model.unet / model.text_encoder may then be left out; given,
+    # they must match the pipeline's.
     init_from: str = ""
 
 
@@ -453,19 +453,17 @@ def _init_parts(folder: str, dtype):
     return unet, text
 
 
-def _stage_config(cls, given, loaded, where: str):
-    """``cls`` from the stage config's dict ``given``, or the ``loaded`` model's config when there is none; both
-    given, they must agree field by field."""
-    from vldm_jax.models.config import config_from_dict
-
+def _stage_config(build: Callable[[Mapping[str, Any]], Any], given, loaded, where: str):
+    """``build(given)``, the stage config's dict as a config dataclass, or the ``loaded`` model's config when there
+    is none; both given, they must agree field by field."""
     if not given:
         if loaded is None:
             raise ConfigError(f"objective image needs {where} (or objective.options.init_from, a pipeline folder "
                               "to start from)")
         return loaded
-    built = cls.from_dict(given) if hasattr(cls, "from_dict") else config_from_dict(cls, given)
+    built = build(given)
     if loaded is not None and built != loaded:
-        diff = [f.name for f in dataclasses.fields(cls) if getattr(built, f.name) != getattr(loaded, f.name)]
+        diff = [f.name for f in dataclasses.fields(built) if getattr(built, f.name) != getattr(loaded, f.name)]
         raise ConfigError(f"{where} differs from objective.options.init_from's in {', '.join(diff)}; leave "
                           f"{where} out to use the pipeline's")
     return built
@@ -475,6 +473,7 @@ def build_image_setup(config) -> Setup:
     """``objective.name: image``: a random U-Net (``model.unet``) and text encoder (``model.text_encoder``), or
     those of ``objective.options.init_from``, on the frozen VAE of ``model.pretrained``."""
     from vldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from vldm_jax.models.config import config_from_dict
     from vldm_jax.models.tokenizer import load_tokenizer, tokenize
     from vldm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
     from vldm_jax.train.state import compute_dtype
@@ -487,8 +486,10 @@ def build_image_setup(config) -> Setup:
     dtype = compute_dtype(m.dtype)
     vae = _load_vae(m.pretrained, dtype)
     start = _init_parts(options.init_from, dtype) if options.init_from else None
-    unet_config = _stage_config(UNet2DConditionConfig, m.unet, start and start[0].config, "model.unet")
-    text_config = _stage_config(CLIPTextConfig, m.text_encoder, start and start[1].config, "model.text_encoder")
+    unet_config = _stage_config(lambda d: config_from_dict(UNet2DConditionConfig, d), m.unet,
+                                start and start[0].config, "model.unet")
+    text_config = _stage_config(CLIPTextConfig.from_dict, m.text_encoder, start and start[1].config,
+                                "model.text_encoder")
     tokenizer = load_tokenizer(None)
     if text_config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.text_encoder.vocab_size {text_config.vocab_size} is smaller than the bundled CLIP "
