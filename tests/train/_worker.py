@@ -27,7 +27,8 @@ if os.environ.get("VLDM_TEST_FAST_PRNG", "1") == "1":
 import numpy as np  # noqa: E402
 
 from tests.train.tiny import tiny_arrays, tiny_config, tiny_data, tiny_setup  # noqa: E402
-from vldm_jax.train import loop, mesh as meshlib, state as statelib  # noqa: E402
+from vldm_jax.parallel import mesh as meshlib
+from vldm_jax.train import loop, state as statelib  # noqa: E402
 
 
 def result(obj) -> None:

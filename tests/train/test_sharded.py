@@ -9,7 +9,8 @@ import pytest
 from tests.train import _subproc
 from tests.train.tiny import classic_threefry  # noqa: F401 - autouse fixture
 from tests.train.tiny import tiny_config, tiny_data, tiny_setup
-from vldm_jax.train import loop, mesh as meshlib
+from vldm_jax.parallel import mesh as meshlib
+from vldm_jax.train import loop
 
 TOL = 1e-5
 

@@ -8,7 +8,8 @@ from flax import nnx
 
 from tests.train.tiny import classic_threefry  # noqa: F401 - autouse fixture
 from tests.train.tiny import tiny_arrays, tiny_config, tiny_data, tiny_setup
-from vldm_jax.train import loop, mesh as meshlib, state as statelib
+from vldm_jax.parallel import mesh as meshlib
+from vldm_jax.train import loop, state as statelib
 from vldm_jax.train.objectives import VideoModels
 
 

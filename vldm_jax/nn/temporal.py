@@ -4,7 +4,8 @@ is made of (``SpatioTemporalResBlock``, ``TransformerSpatioTemporalModel``; diff
 
 Layouts: spatial layers see folded frames ``(B*F, H, W, C)``; 3D convolutions see ``(B, F, H, W, C)``;
 temporal attention sees ``(B*H*W, F, C)``. The fold helpers here are the only place that reshapes
-across the frame boundary.
+across the frame boundary, and so the place where activations are pinned to a mesh
+(:mod:`vldm_jax.parallel.activations`).
 """
 
 from __future__ import annotations
@@ -18,32 +19,34 @@ from vldm_jax.nn.attention import Attention, FeedForward, Transformer2DModel
 from vldm_jax.nn.embeddings import TimestepEmbedding, frame_index_embedding, relative_frame_embedding
 from vldm_jax.nn.norm import GroupNorm, LayerNorm
 from vldm_jax.nn.resnet import ResnetBlock2D
+from vldm_jax.parallel.activations import constrain_folded, constrain_frame_tokens, constrain_video
 
 
 # ------------------------------------------------------------------------------------------ frame folding
 
 def fold_frames(x: jax.Array) -> jax.Array:
     """``(B, F, ...)`` -> ``(B*F, ...)``."""
-    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+    return constrain_folded(x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), x.shape[1])
 
 
 def unfold_frames(x: jax.Array, num_frames: int) -> jax.Array:
     """``(B*F, ...)`` -> ``(B, F, ...)``."""
-    return x.reshape((x.shape[0] // num_frames, num_frames) + x.shape[1:])
+    return constrain_video(x.reshape((x.shape[0] // num_frames, num_frames) + x.shape[1:]))
 
 
 def to_frame_tokens(x: jax.Array, num_frames: int) -> jax.Array:
-    """Folded frames ``(B*F, H, W, C)`` -> one sequence over frames per position ``(B*H*W, F, C)``."""
+    """Folded frames ``(B*F, H, W, C)`` -> one sequence over frames per position ``(B*H*W, F, C)``. Under a
+    mesh with frames on ``context`` this is where the frames-to-positions all-to-all happens."""
     bf, h, w, c = x.shape
     x = x.reshape(bf // num_frames, num_frames, h * w, c)
-    return x.transpose(0, 2, 1, 3).reshape(-1, num_frames, c)
+    return constrain_frame_tokens(x.transpose(0, 2, 1, 3).reshape(-1, num_frames, c), bf // num_frames)
 
 
 def from_frame_tokens(x: jax.Array, num_frames: int, height: int, width: int) -> jax.Array:
     """Inverse of :func:`to_frame_tokens`: ``(B*H*W, F, C)`` -> ``(B*F, H, W, C)``."""
     c = x.shape[-1]
     x = x.reshape(-1, height * width, num_frames, c).transpose(0, 2, 1, 3)
-    return x.reshape(-1, height, width, c)
+    return constrain_folded(x.reshape(-1, height, width, c), num_frames)
 
 
 # ------------------------------------------------------------------------------------------------ layers

@@ -129,7 +129,8 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Device mesh ``('data', 'fsdp')``: -1 fills with the remaining devices. Parameters are sharded by
+    """Device mesh ``('data', 'fsdp', 'context', 'tensor')``: -1 fills with the remaining devices; ``context``
+    splits each video's frames over devices (activations only; see vldm_jax.parallel.activations). Parameters are sharded by
     ``rules``: each ``[logical_axis, mesh_axis]`` (mesh_axis a name, a list of names or null) is tried in order
     on the parameter's logical axes (``out``, ``in`` of kernels, ``vocab`` of embeddings, ``channels`` of
     vectors, ``spatial`` of conv windows), skipping mesh axes already used or not dividing the dimension.
@@ -137,6 +138,8 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    context: int = 1
+    tensor: int = 1
     rules: list = dataclasses.field(default_factory=lambda: [["out", "fsdp"], ["in", "fsdp"], ["vocab", "fsdp"]])
     min_shard_size: int = 2**14
     # Multi-host: 'auto' initialises jax.distributed when JAX_COORDINATOR_ADDRESS (or a cluster JAX knows)

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from vldm_jax.errors import CheckpointError, ConfigError, UserError
-from vldm_jax.train import mesh as meshlib
+from vldm_jax.parallel import mesh as meshlib
 from vldm_jax.train import state as statelib
 from vldm_jax.train.config import Config, save_config, to_dict
 from vldm_jax.train.objectives import Setup, build_setup
@@ -381,7 +381,7 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
     (after its checkpoint was issued). ``echo``: where one-line notices go (process 0; default stderr).
 
     Multi-process runs start ``jax.distributed`` here (``config.mesh``); a caller that builds ``setup`` or ``data``
-    itself must call :func:`vldm_jax.train.mesh.initialize_distributed` first, before anything touches a device.
+    itself must call :func:`vldm_jax.parallel.mesh.initialize_distributed` first, before anything touches a device.
     """
     if config.train.threefry_partitionable is not None:
         # A process-wide switch (it changes every random stream), set before anything is traced.
@@ -400,7 +400,8 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
     if config.train.compilation_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str((workdir / "cache" / "jax").absolute()))
     t_start = time.perf_counter()
-    mesh = mesh or meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = mesh or meshlib.make_mesh(config.mesh.data, config.mesh.fsdp, context=config.mesh.context,
+                                     tensor=config.mesh.tensor)
     if data is None:  # first: a bad data path fails before minutes of model set-up
         data = make_data_iterator(config, mesh, workdir, echo=say)
     if setup is None:

@@ -240,7 +240,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
 def flatten(tree: Any) -> dict[str, Any]:
     """``{'trainable.unet.down_blocks.0...kernel': leaf}``: the checkpoint's view of a pytree (stable names,
     independent of NNX's Variable wrappers)."""
-    from vldm_jax.train.mesh import path_names
+    from vldm_jax.parallel.mesh import path_names
 
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -253,7 +253,7 @@ def flatten(tree: Any) -> dict[str, Any]:
 
 def unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
     """Inverse of :func:`flatten` onto ``template``'s structure."""
-    from vldm_jax.train.mesh import path_names
+    from vldm_jax.parallel.mesh import path_names
 
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = [flat[".".join(path_names(p))] for p, _ in paths]

@@ -1,8 +1,11 @@
-"""Device mesh, parameter shardings from logical axis rules, and global batches.
+"""Device mesh, parameter shardings from logical axis rules, and global batches: used by training and by
+every pipeline.
 
-The mesh has two axes: ``data`` (pure data parallelism: parameters replicated) and ``fsdp`` (data
+The mesh has four axes: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data
 parallelism whose parameters, gradients and optimizer state are sharded; XLA gathers each weight where it
-is used). The batch is split over both. Sizes come from the config; ``-1`` takes the remaining devices.
+is used), ``context`` (the frames of one video split over devices: see :mod:`vldm_jax.parallel.activations`)
+and ``tensor`` (a weight's output or input channels split, by the rules). The batch is split over ``data``
+and ``fsdp``. Sizes come from the config or ``--mesh data=2,context=4``; ``-1`` takes the remaining devices.
 
 Our modules carry no sharding annotations, so every parameter gets *logical* axis names from its leaf name
 and rank (:func:`logical_axes`): a ``kernel`` ``(..., in, out)`` has ``spatial`` window axes then ``in``
@@ -28,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 # The batch dimension is split over every device; within an fsdp group, devices see different examples.
 BATCH_AXES = ("data", "fsdp")
 
@@ -82,32 +85,36 @@ def _distributed_is_initialized() -> bool:
 
 # -------------------------------------------------------------------------------------------------- mesh
 
-def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
-    """Resolves ``-1`` sizes; the product must be the device count."""
-    sizes = [data, fsdp]
+def mesh_shape(data: int, fsdp: int, num_devices: int, context: int = 1,
+               tensor: int = 1) -> tuple[int, int, int, int]:
+    """``(data, fsdp, context, tensor)`` with a ``-1`` resolved; the product must be the device count."""
+    sizes = [data, fsdp, context, tensor]
+    named = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
-        raise ConfigError("at most one of mesh.data and mesh.fsdp may be -1")
+        raise ConfigError(f"at most one mesh size may be -1 (got {named})")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh sizes must be positive or -1 (got data={data}, fsdp={fsdp})")
+        raise ConfigError(f"mesh sizes must be positive or -1 (got {named})")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if num_devices % known:
             raise ConfigError(f"mesh: {num_devices} devices do not divide into groups of {known}; "
-                              "set mesh.data and mesh.fsdp to divide the device count")
+                              "choose mesh sizes that divide the device count")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, but there are "
-                          f"{num_devices}; set mesh.data=-1 to use them all")
-    return sizes[0], sizes[1]
+        raise ConfigError(f"mesh {' x '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes))} = {math.prod(sizes)} "
+                          f"devices, but there are {num_devices}; set one size to -1 to use them all")
+    return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``('data', 'fsdp')`` mesh over ``devices`` (default: all devices of all processes)."""
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *,
+              context: int = 1, tensor: int = 1) -> Mesh:
+    """A ``('data', 'fsdp', 'context', 'tensor')`` mesh over ``devices`` (default: all devices of all
+    processes)."""
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(data, fsdp, len(devices))
+    shape = mesh_shape(data, fsdp, len(devices), context, tensor)
     if devices == jax.devices():
         try:
-            # Topology-aware placement (fsdp innermost: its gathers take the fastest links).
+            # Topology-aware placement (the inner axes, context and tensor, take the fastest links).
             from jax.experimental import mesh_utils
 
             grid = mesh_utils.create_device_mesh(shape, devices=devices)
@@ -115,6 +122,36 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         except Exception:
             pass
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,context=4"`` -> ``{"data": 2, "context": 4}`` (the CLI's ``--mesh``); unknown axes and
+    non-integers are a :class:`ConfigError`."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise ConfigError(f"--mesh {text!r}: each entry is AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh {text!r}: the size of {name} is not an integer") from None
+    return sizes
+
+
+def mesh_from_sizes(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from ``{axis: size}`` (missing axes 1, except ``data``, which takes the remaining devices when
+    not given)."""
+    available = len(devices) if devices is not None else jax.device_count()
+    wanted = math.prod(s for s in sizes.values() if s > 0)
+    if wanted > available:
+        hint = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices)"
+                if jax.default_backend() == "cpu" else "")
+        raise ConfigError(f"mesh {dict(sizes)} needs {wanted} devices, but there are {available}{hint}")
+    data = sizes.get("data", -1 if -1 not in sizes.values() else 1)
+    return make_mesh(data, sizes.get("fsdp", 1), devices, context=sizes.get("context", 1),
+                     tensor=sizes.get("tensor", 1))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

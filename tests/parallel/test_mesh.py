@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
-from vldm_jax.train.mesh import DEFAULT_RULES, logical_axes, mesh_shape, partition_spec
+from vldm_jax.parallel.mesh import DEFAULT_RULES, logical_axes, mesh_shape, partition_spec
 
 
 def fake_mesh(data, fsdp):
@@ -41,9 +41,10 @@ def test_rules_from_config_can_use_both_axes():
 
 
 def test_mesh_shape_fills_and_checks():
-    assert mesh_shape(-1, 1, 8) == (8, 1)
-    assert mesh_shape(2, -1, 8) == (2, 4)
-    assert mesh_shape(1, 1, 1) == (1, 1)
+    assert mesh_shape(-1, 1, 8) == (8, 1, 1, 1)
+    assert mesh_shape(2, -1, 8) == (2, 4, 1, 1)
+    assert mesh_shape(1, 1, 1) == (1, 1, 1, 1)
+    assert mesh_shape(1, 2, 8, context=-1) == (1, 2, 4, 1)
     with pytest.raises(ConfigError, match="there are 3"):
         mesh_shape(2, 2, 3)
     with pytest.raises(ConfigError, match="divide"):
