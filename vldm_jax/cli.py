@@ -234,18 +234,10 @@ def _cmd_animate(args) -> int:
 
 def _is_video_ldm(checkpoint) -> bool:
     """True for a Video LDM pipeline folder (or no checkpoint: the bundled one); False for SVD checkpoints."""
-    import json
-    from pathlib import Path
+    from vldm_jax.checkpoints.pipeline_folder import pipeline_class_name
+    from vldm_jax.pipelines.text_to_video import CLASS_NAME
 
-    if checkpoint is None:
-        return True
-    index = Path(checkpoint) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return json.loads(index.read_text()).get("_class_name") == "VideoLDMPipeline"
-    except (OSError, ValueError):
-        return False
+    return checkpoint is None or pipeline_class_name(checkpoint) == CLASS_NAME
 
 
 def _load_video_ldm(checkpoint):
@@ -390,9 +382,9 @@ def _cmd_convert(args) -> int:
 
 def _save_with_temporal(pipe, temporal_file: str, dst: str) -> None:
     """Writes ``pipe`` with its U-Net replaced by the video U-Net of its image U-Net + ``temporal_file``."""
-    import json
     import shutil
 
+    from vldm_jax.checkpoints.pipeline_folder import read_pipeline_folder, write_index
     from vldm_jax.checkpoints.store import atomic_folder
     from vldm_jax.checkpoints.temporal import load_temporal
 
@@ -400,14 +392,11 @@ def _save_with_temporal(pipe, temporal_file: str, dst: str) -> None:
     with atomic_folder(dst) as tmp:
         inner = tmp / "pipeline"
         pipe.save_pretrained(inner)
-        index_path = inner / "model_index.json"
-        with open(index_path) as f:
-            index = json.load(f)
+        index = read_pipeline_folder(inner).index
         # Not a text-to-image pipeline any more: its U-Net takes (B, F, h, w, C) videos.
         index.update({"_class_name": "TextToVideoPipeline", "unet": ["vldm_jax", type(pipe.unet).__name__],
                       "_vldm_temporal_source": os.path.basename(temporal_file)})
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=1)
+        write_index(inner, index)
         for child in inner.iterdir():
             shutil.move(str(child), str(tmp / child.name))
         inner.rmdir()

@@ -91,12 +91,9 @@ def load_temporal(module_or_path, path: str | os.PathLike, *, seed: int = 0) -> 
     arrays, config = read_temporal(path)
     temporal = TemporalConfig.from_stored(config)
     if not isinstance(module_or_path, nnx.Module):
-        from vldm_jax.checkpoints.load import load_model
+        from vldm_jax.checkpoints.pipeline_folder import load_component
 
-        folder = Path(module_or_path)
-        if (folder / "model_index.json").exists() and (folder / "unet").is_dir():
-            folder = folder / "unet"
-        module_or_path = load_model(folder)
+        module_or_path = load_component(module_or_path, "unet")
     if isinstance(module_or_path, VideoUNet):
         video = module_or_path
         if video.config.temporal != temporal:

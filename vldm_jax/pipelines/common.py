@@ -1,4 +1,5 @@
-"""What every pipeline shares: the initial noise, and host-side progress for compiled sampling loops.
+"""What every pipeline shares: the initial noise, prompt encoding, and host-side progress for compiled sampling
+loops (pipeline folders are read and written by :mod:`vldm_jax.checkpoints.pipeline_folder`).
 
 A compiled loop calls one fixed host function per step (:func:`advance`, through ``jax.debug.callback``),
 so showing or hiding a bar never forces a recompile; :func:`denoising_bar` installs the bar it advances.
@@ -73,43 +74,6 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return str(folder)
-
-
-def write_pipeline_parts(folder, index: dict, *, modules: dict, tokenizer=None, schedulers: dict | None = None) -> None:
-    """Writes a pipeline folder's parts in our own format into ``folder`` (a fresh temporary folder of
-    :func:`vldm_jax.checkpoints.store.atomic_folder`) and its ``model_index.json``.
-
-    ``index``: the pipeline's own entries (``_class_name``, options); ``modules``: part name -> module, or None for
-    an absent part; one module object named twice is written once, the second name an ``["alias", first]`` entry;
-    ``schedulers``: part name -> scheduler config dict."""
-    import json
-    from pathlib import Path
-
-    from vldm_jax.checkpoints.store import save_module
-
-    folder = Path(folder)
-    index = {**index, "_vldm_format": 1}
-    written: dict[int, str] = {}
-    for name, module in modules.items():
-        if module is None:
-            index[name] = None
-        elif id(module) in written:
-            index[name] = ["alias", written[id(module)]]
-        else:
-            written[id(module)] = name
-            (folder / name).mkdir()
-            save_module(module, folder / name)
-            index[name] = ["vldm_jax", type(module).__name__]
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder / "tokenizer"))
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    for name, config in (schedulers or {}).items():
-        (folder / name).mkdir()
-        with open(folder / name / "scheduler_config.json", "w") as f:
-            json.dump(config, f, indent=1)
-        index[name] = ["vldm_jax", "SchedulerConfig"]
-    with open(folder / "model_index.json", "w") as f:
-        json.dump(index, f, indent=1)
 
 
 @functools.partial(jax.jit, static_argnames=("text_graph", "clip_skip"))

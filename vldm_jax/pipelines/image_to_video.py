@@ -31,11 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.checkpoints.load import load_model, resolve_path
+from vldm_jax.checkpoints.pipeline_folder import read_pipeline_folder
 from vldm_jax.diffusion.guidance import classifier_free_guidance, per_frame_scales
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
-from vldm_jax.models.config import read_config_file
 from vldm_jax.pipelines.common import advance, denoising_bar, initial_noise
 
 # OpenAI CLIP's normalisation (SVD's feature_extractor/preprocessor_config.json).
@@ -259,31 +258,22 @@ class ImageToVideoPipeline:
                                          num_frames=num_frames)
         if not p.exists() and str(path).endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")):
             raise CheckpointError(f"checkpoint file not found: {path}")
-        folder = resolve_path(path, allow_patterns=hub_patterns(variant))
-        index_path = folder / "model_index.json"
-        if not index_path.exists():
-            raise CheckpointError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
-        index = read_config_file(index_path)
-        for part in (*_PARTS, "scheduler"):
-            if part not in index or not (folder / part).is_dir():
-                raise CheckpointError(f"{folder}: pipeline has no {part}/ component (not a Stable Video Diffusion "
-                                      "pipeline)")
+        folder = read_pipeline_folder(path, allow_patterns=hub_patterns(variant))
+        folder.require((*_PARTS, "scheduler"), " (not a Stable Video Diffusion pipeline)")
         kw = dict(allow_pickle=allow_pickle, dtype=dtype, param_dtype=param_dtype, variant=variant)
-        unet = load_model(folder / "unet", **kw)
-        vae = load_model(folder / "vae", **kw)
-        image_encoder = load_model(folder / "image_encoder", **kw)
+        unet = folder.load("unet", **kw)
+        vae = folder.load("vae", **kw)
+        image_encoder = folder.load("image_encoder", **kw)
         for name, module, cls_name in (("unet", unet, "UNetSpatioTemporalConditionModel"),
                                        ("vae", vae, "AutoencoderKLTemporalDecoder"),
                                        ("image_encoder", image_encoder, "CLIPVisionModelWithProjection")):
             if type(module).__name__ != cls_name:
-                raise CheckpointError(f"{folder}/{name}: expected a {cls_name}, got {type(module).__name__}")
-        scheduler_config = read_config_file(folder / "scheduler" / "scheduler_config.json")
+                raise CheckpointError(f"{folder.path}/{name}: expected a {cls_name}, got {type(module).__name__}")
         mean, std = CLIP_MEAN, CLIP_STD
-        fe = folder / "feature_extractor" / "preprocessor_config.json"
-        if fe.exists():
-            fe_config = read_config_file(fe)
+        fe_config = folder.config("feature_extractor/preprocessor_config.json")
+        if fe_config is not None:
             mean, std = fe_config.get("image_mean", mean), fe_config.get("image_std", std)
-        return cls(unet, vae, image_encoder, scheduler_config, image_mean=mean, image_std=std)
+        return cls(unet, vae, image_encoder, folder.scheduler_config(), image_mean=mean, image_std=std)
 
     @classmethod
     def _from_single_file(cls, path: Path, *, allow_pickle, dtype, param_dtype, num_frames):

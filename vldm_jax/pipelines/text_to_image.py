@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -17,21 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.checkpoints.load import load_model, resolve_path
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
-from vldm_jax.errors import CheckpointError, UserError
-from vldm_jax.models.config import read_config_file
-from vldm_jax.models.tokenizer import load_tokenizer
+from vldm_jax.errors import UserError
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
-
-# Only what the pipeline reads: no fp16/EMA variants, no root-level single files, no safety checker, no pickles.
-HUB_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*"] + [
-    f"{part}/{name}" for part in ("unet", "vae", "text_encoder")
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "model.safetensors",
-                 "*.safetensors.index.json", "*-of-*.safetensors")]
 
 
 def _split(module):
@@ -82,48 +72,17 @@ class TextToImagePipeline:
         ``tokenizer``: tokenizer folder for single files (default: the bundled CLIP vocabulary).
         ``prediction_type``: override for single files whose weights cannot tell (SD 2.x 512 vs 768-v).
         """
-        p = Path(path)
-        if p.is_file():
-            return cls._from_single_file(p, tokenizer=tokenizer, allow_pickle=allow_pickle,
-                                         prediction_type=prediction_type, dtype=dtype)
-        if not p.exists() and str(path).endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")):
-            raise CheckpointError(f"checkpoint file not found: {path}")
-        folder = resolve_path(path, allow_patterns=HUB_PATTERNS)
-        index_path = folder / "model_index.json"
-        if not index_path.exists():
-            raise CheckpointError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
-        index = read_config_file(index_path)
-        for part in ("unet", "vae", "text_encoder", "scheduler"):
-            if part not in index or not (folder / part).is_dir():
-                raise CheckpointError(f"{folder}: pipeline has no {part}/ component")
-        unet = load_model(folder / "unet", allow_pickle=allow_pickle, dtype=dtype)
-        vae = load_model(folder / "vae", allow_pickle=allow_pickle, dtype=dtype)
-        text_encoder = load_model(folder / "text_encoder", allow_pickle=allow_pickle, dtype=dtype)
-        tok_dir = tokenizer if tokenizer is not None else (folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
-        tok = load_tokenizer(tok_dir)
-        sched_path = folder / "scheduler" / "scheduler_config.json"
-        scheduler_config = read_config_file(sched_path)
-        if prediction_type:
-            scheduler_config["prediction_type"] = prediction_type
-        clip_skip = int(index.get("_vldm_clip_skip", 0))
-        return cls(unet, vae, text_encoder, tok, scheduler_config, clip_skip=clip_skip)
+        from vldm_jax.checkpoints.pipeline_folder import load_stable_diffusion
 
-    @classmethod
-    def _from_single_file(cls, path: Path, *, tokenizer, allow_pickle, prediction_type, dtype):
-        from vldm_jax.checkpoints.single_file import build_single_file_models, load_single_file
-
-        parts = load_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
-        models = build_single_file_models(parts, dtype=dtype)
-        unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
-        # SD 2.x (OpenCLIP) pads with "!", SD 1.x with the end token; a user's tokenizer folder knows its own.
-        pad = None if tokenizer is not None else ("!" if parts.variant == "sd2" else None)
-        tok = load_tokenizer(tokenizer, pad_token=pad)
-        return cls(unet, vae, text, tok, parts.scheduler_config, clip_skip=parts.clip_skip)
+        parts = load_stable_diffusion(path, tokenizer=tokenizer, allow_pickle=allow_pickle,
+                                      prediction_type=prediction_type, dtype=dtype)
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
+                   clip_skip=parts.clip_skip)
 
     def save_pretrained(self, dst: str | os.PathLike) -> None:
         """Writes our own format (converted weights + configs, tokenizer, scheduler) atomically to a new folder."""
+        from vldm_jax.checkpoints.pipeline_folder import write_pipeline_parts
         from vldm_jax.checkpoints.store import atomic_folder
-        from vldm_jax.pipelines.common import write_pipeline_parts
 
         with atomic_folder(dst) as tmp:
             write_pipeline_parts(tmp, {"_class_name": "TextToImagePipeline", "_vldm_clip_skip": self.clip_skip},

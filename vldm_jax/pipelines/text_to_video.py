@@ -31,13 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.checkpoints.load import load_model, resolve_path
+from vldm_jax.checkpoints.pipeline_folder import read_pipeline_folder
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES
 from vldm_jax.errors import CheckpointError, UserError
-from vldm_jax.models.config import read_config_file
-from vldm_jax.models.tokenizer import load_tokenizer
 from vldm_jax.pipelines import stages
-from vldm_jax.pipelines.common import denoising_bar, encode_prompts, initial_noise, write_pipeline_parts
+from vldm_jax.pipelines.common import denoising_bar, encode_prompts, initial_noise
 
 INTERPOLATE_CHOICES = (1, 4, 16)
 _MODEL_PARTS = ("unet", "interpolator", "predictor", "vae", "text_encoder")
@@ -80,41 +78,22 @@ class TextToVideoPipeline:
                         upsampler: bool = True) -> "TextToVideoPipeline":
         """A Video LDM pipeline folder (``model_index.json`` naming ``unet``, ``vae``, ``text_encoder``,
         ``tokenizer``, ``scheduler`` and optionally ``interpolator``, ``predictor``, ``upsampler``), or a hub id."""
-        folder = resolve_path(path)
-        index_path = folder / "model_index.json"
-        if not index_path.exists():
-            raise CheckpointError(f"{folder}: no model_index.json (not a pipeline folder)")
-        index = read_config_file(index_path)
-        for part in ("unet", "vae", "text_encoder", "scheduler"):
-            if not index.get(part) or not (folder / part).is_dir():
-                raise CheckpointError(f"{folder}: pipeline has no {part}/ component")
-        parts = {}
-        for part in _MODEL_PARTS:
-            entry = index.get(part)
-            if isinstance(entry, list) and entry[:1] == ["alias"]:  # one network serving two roles
-                continue
-            if entry and (folder / part).is_dir():
-                parts[part] = load_model(folder / part, allow_pickle=allow_pickle, dtype=dtype)
-        for part in _MODEL_PARTS:
-            entry = index.get(part)
-            if isinstance(entry, list) and entry[:1] == ["alias"]:
-                if len(entry) != 2 or entry[1] not in parts:
-                    raise CheckpointError(f"{folder}: model_index.json: {part} is an alias of a missing part {entry}")
-                parts[part] = parts[entry[1]]
-        tok = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
-        scheduler_config = read_config_file(folder / "scheduler" / "scheduler_config.json")
+        folder = read_pipeline_folder(path, what="a pipeline folder")
+        folder.require(("unet", "vae", "text_encoder", "scheduler"))
+        parts = folder.load_models(_MODEL_PARTS, allow_pickle=allow_pickle, dtype=dtype)
         up = None
-        if upsampler and index.get("upsampler") and (folder / "upsampler").is_dir():
+        if upsampler and folder.index.get("upsampler") and (folder.path / "upsampler").is_dir():
             from vldm_jax.pipelines.upscale import VideoUpscalePipeline
 
-            up = VideoUpscalePipeline.from_pretrained(folder / "upsampler", dtype=dtype)
-        return cls(parts["unet"], parts["vae"], parts["text_encoder"], tok, scheduler_config,
+            up = VideoUpscalePipeline.from_pretrained(folder.path / "upsampler", dtype=dtype)
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], folder.tokenizer(), folder.scheduler_config(),
                    interpolator=parts.get("interpolator"), predictor=parts.get("predictor"), upsampler=up,
-                   clip_skip=int(index.get("_vldm_clip_skip", 0)), defaults=index.get("_vldm_defaults", {}))
+                   clip_skip=folder.clip_skip, defaults=folder.index.get("_vldm_defaults", {}))
 
     def save_pretrained(self, dst: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Writes the pipeline in our own format to a new folder, atomically (a network in two roles, such as the
         key-frame model that is also the prediction model, is stored once)."""
+        from vldm_jax.checkpoints.pipeline_folder import write_pipeline_parts
         from vldm_jax.checkpoints.store import atomic_folder
 
         with atomic_folder(dst, overwrite=overwrite) as tmp:

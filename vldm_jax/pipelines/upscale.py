@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -32,22 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.checkpoints.load import load_model, resolve_path
+from vldm_jax.checkpoints.pipeline_folder import DEFAULT_MAX_NOISE_LEVEL, load_upscaler_parts
 from vldm_jax.diffusion import schedules
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
-from vldm_jax.models.config import read_config_file
-from vldm_jax.models.tokenizer import load_tokenizer
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
-DEFAULT_MAX_NOISE_LEVEL = 350  # diffusers' StableDiffusionUpscalePipeline default (model_index.json)
-
-HUB_PATTERNS = ["model_index.json", "scheduler/*.json", "low_res_scheduler/*.json", "tokenizer/*"] + [
-    f"{part}/{name}" for part in ("unet", "vae", "text_encoder")
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "model.safetensors",
-                 "*.safetensors.index.json", "*-of-*.safetensors", "vldm_config.json", "params.safetensors")]
 
 
 # ------------------------------------------------------------------------------------------------- tiling
@@ -235,31 +226,10 @@ class UpscalePipeline:
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
-    def _load_parts(cls, path, *, dtype=jnp.float32) -> dict[str, Any]:
-        p = Path(path)
-        if p.is_file():
-            raise CheckpointError(f"{path}: the upscaler loads from a pipeline folder (model_index.json) or hub id")
-        folder = resolve_path(path, allow_patterns=HUB_PATTERNS)
-        index_path = folder / "model_index.json"
-        if not index_path.exists():
-            raise CheckpointError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
-        index = read_config_file(index_path)
-        for part in ("unet", "vae", "text_encoder", "scheduler", "low_res_scheduler"):
-            if not (folder / part).is_dir():
-                raise CheckpointError(f"{folder}: pipeline has no {part}/ component (not an x4 upscaler)")
-        parts = {name: load_model(folder / name, dtype=dtype) for name in ("unet", "vae", "text_encoder")}
-        parts["tokenizer"] = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
-        parts["scheduler_config"] = read_config_file(folder / "scheduler" / "scheduler_config.json")
-        parts["low_res_scheduler_config"] = read_config_file(folder / "low_res_scheduler" / "scheduler_config.json")
-        parts["max_noise_level"] = int(index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
-        parts["clip_skip"] = int(index.get("_vldm_clip_skip", 0))
-        return parts
-
-    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32) -> "UpscalePipeline":
         """A diffusers ``StableDiffusionUpscalePipeline`` folder (e.g. stabilityai/stable-diffusion-x4-upscaler,
         also as a hub id) or a folder written by :meth:`save_pretrained`."""
-        parts = cls._load_parts(path, dtype=dtype)
+        parts = load_upscaler_parts(path, dtype=dtype)
         from vldm_jax.models.unet import VideoUNet
 
         if isinstance(parts["unet"], VideoUNet):
@@ -268,8 +238,8 @@ class UpscalePipeline:
 
     def save_pretrained(self, dst: str | os.PathLike) -> None:
         """Writes our own format (converted weights + configs, tokenizer, both schedulers) atomically."""
+        from vldm_jax.checkpoints.pipeline_folder import write_pipeline_parts
         from vldm_jax.checkpoints.store import atomic_folder
-        from vldm_jax.pipelines.common import write_pipeline_parts
 
         with atomic_folder(dst) as tmp:
             write_pipeline_parts(
@@ -406,7 +376,7 @@ class VideoUpscalePipeline(UpscalePipeline):
         (diffusers, or a hub id) also loads: its U-Net gets fresh temporal layers (``temporal``: a
         :class:`~vldm_jax.models.unet.TemporalConfig` or dict; default the paper's), as in
         :meth:`from_image_upscaler`."""
-        parts = cls._load_parts(path, dtype=dtype)
+        parts = load_upscaler_parts(path, dtype=dtype)
         parts["unet"] = _video_unet(parts["unet"], temporal, seed)
         return cls(**parts)
 

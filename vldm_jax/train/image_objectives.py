@@ -419,12 +419,9 @@ DEFAULT_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000
 
 
 def _load_vae(path: str, dtype):
-    from vldm_jax.checkpoints.load import load_model
+    from vldm_jax.checkpoints.pipeline_folder import load_component
 
-    p = Path(path)
-    if (p / "model_index.json").exists() and (p / "vae").is_dir():
-        p = p / "vae"
-    vae = load_model(p, dtype=dtype)
+    vae = load_component(path, "vae", dtype=dtype)
     if not hasattr(vae, "encode") or not hasattr(vae.config, "scaling_factor"):
         raise ConfigError(f"model.pretrained {path} is not an autoencoder (a VAE folder or a pipeline folder)")
     return vae
@@ -433,20 +430,21 @@ def _load_vae(path: str, dtype):
 def _init_parts(folder: str, dtype):
     """The U-Net and text encoder of ``objective.options.init_from``: a pipeline folder (ours, or a diffusers one
     such as Stable Diffusion's) or a hub id of one."""
-    from vldm_jax.checkpoints.load import load_model, resolve_path
+    from vldm_jax.checkpoints.pipeline_folder import read_pipeline_folder
     from vldm_jax.errors import CheckpointError
     from vldm_jax.models.clip import CLIPTextModel
     from vldm_jax.models.unet import UNet2DConditionModel
 
     try:
-        p = resolve_path(folder, allow_patterns=["model_index.json", "unet/*", "text_encoder/*"])
+        p = read_pipeline_folder(folder, allow_patterns=["model_index.json", "unet/*", "text_encoder/*"],
+                                 what="a pipeline folder with unet/ and text_encoder/")
     except CheckpointError as e:
         raise ConfigError(f"objective.options.init_from: {e}") from None
-    if not ((p / "unet").is_dir() and (p / "text_encoder").is_dir()):
+    if not (p.has("unet") and p.has("text_encoder")):
         raise ConfigError(f"objective.options.init_from {folder}: not a pipeline folder with unet/ and "
                           "text_encoder/ (an image stage's export/pipeline)")
-    unet = load_model(p / "unet", dtype=dtype)
-    text = load_model(p / "text_encoder", dtype=dtype)
+    unet = p.load("unet", dtype=dtype)
+    text = p.load("text_encoder", dtype=dtype)
     if not isinstance(unet, UNet2DConditionModel) or not isinstance(text, CLIPTextModel):
         raise ConfigError(f"objective.options.init_from {folder}: needs a UNet2DConditionModel and a CLIPTextModel "
                           f"(found {type(unet).__name__} and {type(text).__name__})")

@@ -340,13 +340,15 @@ def build_setup(config) -> Setup:
     keep_vae = o.encode_in_step or config.train.sample_every > 0
 
     if m.pretrained:
-        from vldm_jax.pipelines.text_to_image import TextToImagePipeline
+        from vldm_jax.checkpoints.pipeline_folder import load_stable_diffusion
+        from vldm_jax.pipelines.common import encode_prompts
 
-        pipe = TextToImagePipeline.from_pretrained(m.pretrained, dtype=dtype)
+        pipe = load_stable_diffusion(m.pretrained, dtype=dtype)
         scheduler = {**pipe.scheduler_config, **m.scheduler}
         null_context = None
         if not o.encode_in_step:
-            null_context = np.asarray(pipe.encode_prompt([""])[0])
+            text_graph, text_state = nnx.split(pipe.text_encoder)
+            null_context = np.asarray(encode_prompts(pipe.tokenizer, text_graph, text_state, [""], pipe.clip_skip)[0])
         objective = make_temporal_objective(o, scheduler, vae_config=pipe.vae.config, tokenizer=pipe.tokenizer,
                                             clip_skip=pipe.clip_skip, null_context=null_context)
 

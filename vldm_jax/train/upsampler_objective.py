@@ -184,9 +184,9 @@ def build_upsampler_setup(config) -> Setup:
             raise ConfigError(f"model.unet.num_class_embeds must exceed the max noise level {max_noise_level}")
 
     if m.pretrained:
-        from vldm_jax.pipelines.upscale import UpscalePipeline
+        from vldm_jax.checkpoints.pipeline_folder import load_upscaler_parts
 
-        pipe = UpscalePipeline._load_parts(m.pretrained, dtype=dtype)
+        pipe = load_upscaler_parts(m.pretrained, dtype=dtype)
         max_level = opts["max_noise_level"] if opts["max_noise_level"] is not None else pipe["max_noise_level"]
         low_res = opts["low_res_scheduler"] or pipe["low_res_scheduler_config"]
         check_unet(pipe["unet"].config, max_level, pipe["vae"].config.latent_channels)
