@@ -5,7 +5,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from vldm_jax.checkpoints.load import read_safetensors, write_safetensors
+from vldm_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
 from vldm_jax.checkpoints.store import atomic_folder, load_converted, save_module
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.clip import CLIPTextConfig, CLIPTextModel

@@ -17,7 +17,8 @@ pytest.importorskip("diffusers")
 
 import vldm_jax  # noqa: E402
 from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder, tiny_unet  # noqa: E402
-from vldm_jax.checkpoints.load import write_safetensors  # noqa: E402
+from vldm_jax.checkpoints.pipeline_folder import load_component  # noqa: E402
+from vldm_jax.checkpoints.safetensors_io import write_safetensors  # noqa: E402
 from vldm_jax.checkpoints.temporal import load_temporal, read_temporal, save_temporal  # noqa: E402
 from vldm_jax.errors import CheckpointError, UserError  # noqa: E402
 from vldm_jax.models.roles import CountingRngs, is_temporal_path, replace_spatial  # noqa: E402
@@ -44,7 +45,7 @@ class Files:
         self.dreambooth = tmp / "dreambooth_unet"  # same architecture, other weights
         tiny_unet("sd1", seed=7).save_pretrained(self.dreambooth, safe_serialization=True)
         # A pipeline folder works as the image source: its unet/ is used.
-        self.video = _perturb_temporal(VideoUNet.from_image_unet(self.pipeline), seed=0)
+        self.video = _perturb_temporal(VideoUNet.from_image_unet(load_component(self.pipeline, "unet")), seed=0)
         self.file = save_temporal(self.video, tmp / "temporal.safetensors")
 
 
@@ -76,7 +77,7 @@ def test_dreambooth_transfer(files):
 
 
 def test_reload_onto_a_video_unet(files):
-    fresh = VideoUNet.from_image_unet(files.pipeline)
+    fresh = VideoUNet.from_image_unet(load_component(files.pipeline, "unet"))
     loaded = _flat(load_temporal(fresh, files.file))
     assert all(np.array_equal(loaded[p], a) for p, a in _flat(files.video).items())
 

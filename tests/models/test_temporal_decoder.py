@@ -187,7 +187,7 @@ def test_chunked_decode_memory_does_not_grow_with_frames(model):
 
 
 def test_registered_family(model):
-    from vldm_jax.checkpoints.load import FAMILIES
+    from vldm_jax.checkpoints.families import FAMILIES
 
     assert class_name_of_module(model) == "AutoencoderKLTemporalDecoder"
     assert FAMILIES["AutoencoderKLTemporalDecoder"].config_cls == "AutoencoderKLTemporalDecoderConfig"

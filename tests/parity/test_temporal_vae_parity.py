@@ -296,14 +296,14 @@ def test_single_file_errors(pairs):
 
 
 def test_from_image_vae_folder(pairs, tmp_path):
-    """The image VAE of a Video LDM temporal decoder may be given as a diffusers AutoencoderKL folder."""
+    """The image VAE of a Video LDM temporal decoder may come from a diffusers AutoencoderKL folder."""
     torch.manual_seed(0)
     diffusers.AutoencoderKL(block_out_channels=[32], norm_num_groups=32).save_pretrained(tmp_path / "image")
-    video = AutoencoderKLTemporalDecoder.from_image_vae(tmp_path / "image")
+    video = AutoencoderKLTemporalDecoder.from_image_vae(load_model(tmp_path / "image"))
     assert video.config.block_out_channels == (32,) and video.post_quant_conv is not None
     pairs["deep"].torch.save_pretrained(tmp_path / "video")
     with pytest.raises(ConfigError, match="expected an AutoencoderKL"):
-        AutoencoderKLTemporalDecoder.from_image_vae(tmp_path / "video")
+        AutoencoderKLTemporalDecoder.from_image_vae(load_model(tmp_path / "video"))
 
 
 def test_bad_config_is_a_config_error():

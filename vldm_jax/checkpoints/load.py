@@ -7,21 +7,19 @@ caller passes ``allow_pickle=True`` and are then read with ``torch.load(weights_
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
-import mmap
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from vldm_jax.checkpoints.families import family_of
+from vldm_jax.checkpoints.safetensors_io import read_safetensors
 from vldm_jax.errors import CheckpointError
 from vldm_jax.models.config import config_from_dict, read_config_file
 
@@ -30,117 +28,7 @@ SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """Where a model family lives: module path, config class, model class(es), rename table name."""
-
-    module: str
-    config_cls: str
-    model_cls: str
-    rename: str  # attribute of vldm_jax.checkpoints.convert
-    config_key: str | None = None  # nested config key (transformers full-model configs)
-
-
-# class name in config.json -> family. Imported lazily so that loading one family does not import all.
-FAMILIES: dict[str, Family] = {
-    "UNet2DConditionModel": Family("vldm_jax.models.unet", "UNet2DConditionConfig", "UNet2DConditionModel", "UNET_RENAME"),
-    # Stable Video Diffusion U-Net: diffusers names match ours; our video U-Net made from an SD U-Net
-    # (VideoUNet) only comes from our own format, so it needs no rename table either.
-    "UNetSpatioTemporalConditionModel": Family("vldm_jax.models.unet", "UNetSpatioTemporalConditionConfig",
-                                               "UNetSpatioTemporalConditionModel", "UNET_RENAME"),
-    "VideoUNet": Family("vldm_jax.models.unet", "VideoUNetConfig", "VideoUNet", "UNET_RENAME"),
-    "AutoencoderKL": Family("vldm_jax.models.autoencoder", "AutoencoderKLConfig", "AutoencoderKL", "VAE_RENAME"),
-    # Same module names as the image VAE's (plus the temporal layers), and the same legacy attention names.
-    "AutoencoderKLTemporalDecoder": Family("vldm_jax.models.autoencoder", "AutoencoderKLTemporalDecoderConfig",
-                                           "AutoencoderKLTemporalDecoder", "VAE_RENAME"),
-    "CLIPTextModel": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "CLIP_TEXT_RENAME"),
-    "CLIPTextModelWithProjection": Family("vldm_jax.models.clip", "CLIPTextConfig", "CLIPTextModelWithProjection",
-                                          "CLIP_TEXT_RENAME"),
-    "CLIPVisionModel": Family("vldm_jax.models.clip", "CLIPVisionConfig", "CLIPVisionModel", "CLIP_VISION_RENAME",
-                              config_key="vision_config"),
-    "CLIPVisionModelWithProjection": Family("vldm_jax.models.clip", "CLIPVisionConfig",
-                                            "CLIPVisionModelWithProjection", "CLIP_VISION_RENAME",
-                                            config_key="vision_config"),
-}
-
-
-def register_family(class_name: str, family: Family) -> None:
-    FAMILIES[class_name] = family
-
-
 # ----------------------------------------------------------------------------------------------- weights
-
-_ST_DTYPES: dict[str, Any] = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-
-
-ALIGN = 64
-
-
-def write_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Writes a standard ``.safetensors`` file laid out for zero-copy loading: the data section starts
-    64-byte aligned and tensors go largest first, so every tensor whose size is a multiple of 64 bytes
-    (all large ones) stays aligned. Not atomic by itself: callers write inside a temporary folder."""
-    names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-    order = sorted(arrays, key=lambda k: (-np.asarray(arrays[k]).nbytes, k))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for k in order:
-        a = np.asarray(arrays[k])
-        if a.dtype not in names:
-            raise CheckpointError(f"cannot store {k}: dtype {a.dtype} has no safetensors name")
-        header[k] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGN)  # the format allows trailing spaces in the header
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for k in order:
-            f.write(np.ascontiguousarray(arrays[k]).tobytes(order="C"))
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a ``.safetensors`` file as numpy views of a private memory map (no copy, any dtype incl. bf16)."""
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"cannot open weights file {path}: {e.strerror}") from None
-    with f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise CheckpointError(f"{path} is not a safetensors file (bad header)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
-        size = os.fstat(f.fileno()).st_size
-        # Copy-on-write: arrays may alias the mapping zero-copy (JAX on CPU does for 64-byte aligned data),
-        # and a private mapping keeps any later in-place write away from the file.
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        count = int(np.prod(info["shape"])) if info["shape"] else 1
-        arr = np.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start)
-        if (end - start) != arr.nbytes:
-            raise CheckpointError(f"{path}: tensor {key} has inconsistent size")
-        out[key] = arr.reshape(info["shape"])
-    return out
-
 
 def read_pickle_with_step(path: str | os.PathLike, *, allow_pickle: bool = False
                           ) -> tuple[dict[str, np.ndarray], int | None]:
@@ -238,13 +126,6 @@ def class_name_of(config: Mapping[str, Any]) -> str | None:
         return config["_class_name"]
     archs = config.get("architectures") or []
     return archs[0] if archs else None
-
-
-def family_of(class_name: str | None, where: Any) -> Family:
-    if class_name not in FAMILIES:
-        raise CheckpointError(f"{where}: unsupported model class {class_name!r} "
-                              f"(supported: {', '.join(sorted(FAMILIES))})")
-    return FAMILIES[class_name]
 
 
 def build_from_state_dict(class_name: str, config: Mapping[str, Any] | Any, state_dict: Mapping[str, np.ndarray],

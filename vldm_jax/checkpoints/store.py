@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from vldm_jax.checkpoints.convert import abstract_module, merge_arrays
-from vldm_jax.checkpoints.load import read_safetensors, write_safetensors
+from vldm_jax.checkpoints.families import FAMILIES, family_of
+from vldm_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.models.config import config_from_dict, config_to_dict
 
@@ -55,8 +56,6 @@ def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False):
 
 
 def class_name_of_module(module: nnx.Module) -> str:
-    from vldm_jax.checkpoints.load import FAMILIES
-
     for name, fam in FAMILIES.items():
         if type(module).__name__ == fam.model_cls and type(module).__module__ == fam.module:
             return name
@@ -81,8 +80,6 @@ def save_module(module: nnx.Module, folder: str | os.PathLike) -> None:
 
 def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
     """Loads a folder written by :func:`save_module`."""
-    from vldm_jax.checkpoints.load import family_of
-
     folder = Path(folder)
     with open(folder / "vldm_config.json") as f:
         meta = json.load(f)

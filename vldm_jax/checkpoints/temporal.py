@@ -29,7 +29,7 @@ def save_temporal(module: nnx.Module, path: str | os.PathLike, *, overwrite: boo
     The file is written under a temporary name in the same folder and renamed into place, so a killed
     write never leaves a truncated file under ``path``.
     """
-    from vldm_jax.checkpoints.load import write_safetensors
+    from vldm_jax.checkpoints.safetensors_io import write_safetensors
     from vldm_jax.models.unet import VideoUNet
 
     if not isinstance(module, VideoUNet):
@@ -58,7 +58,7 @@ def read_temporal(path: str | os.PathLike) -> tuple[dict[tuple, np.ndarray], dic
     """``(NNX path -> array, video config dict)`` of a file written by :func:`save_temporal`."""
     from safetensors import safe_open
 
-    from vldm_jax.checkpoints.load import read_safetensors
+    from vldm_jax.checkpoints.safetensors_io import read_safetensors
 
     path = Path(path)
     if not path.is_file():

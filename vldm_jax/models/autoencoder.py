@@ -604,22 +604,18 @@ class AutoencoderKLTemporalDecoder(nnx.Module):
     # ------------------------------------------------------------------------------- from an image VAE
 
     @classmethod
-    def from_image_vae(cls, vae: "AutoencoderKL | str", *, rngs: nnx.Rngs | None = None,
+    def from_image_vae(cls, vae: "AutoencoderKL", *, rngs: nnx.Rngs | None = None,
                        dtype=None) -> "AutoencoderKLTemporalDecoder":
         """Video LDM's starting point: a temporal decoder whose spatial weights are those of ``vae`` (an
-        :class:`AutoencoderKL` or a folder / hub id that loads as one) and whose temporal layers start as
-        the identity, so it decodes every frame exactly as the image decoder does until it is fine-tuned.
+        :class:`AutoencoderKL`; a folder loads through :mod:`vldm_jax.checkpoints`) and whose temporal layers start
+        as the identity, so it decodes every frame exactly as the image decoder does until it is fine-tuned.
 
         Temporal initialisation: the 3D residual blocks' first convs are random (from ``rngs``), their norms
         the identity, their last convs zero (so each block returns its input), the mixers' logits 0, and
         ``time_conv_out`` passes the centre frame through.
         """
-        if not isinstance(vae, AutoencoderKL):
-            # models/ must not import checkpoints/ at module level (dependencies point down the layout).
-            from vldm_jax.checkpoints.load import load_model
-            vae = load_model(vae)
-            if not isinstance(vae, AutoencoderKL):
-                raise ConfigError(f"from_image_vae: expected an AutoencoderKL, got {type(vae).__name__}")
+        if not isinstance(vae, AutoencoderKL):  # modules don't load: a folder is the checkpoints layer's
+            raise ConfigError(f"from_image_vae: expected an AutoencoderKL, got {type(vae).__name__}")
         ic = vae.config
         if ic.shift_factor is not None or ic.latents_mean is not None:
             # Only the scale travels with the config; a shifted latent space would decode wrong in pipelines.

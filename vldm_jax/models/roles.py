@@ -173,12 +173,9 @@ def abstract_video_unet(model_cls, config, dtype=jnp.float32, remat=None):
     return nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=CountingRngs(0), dtype=dtype, remat=remat)))
 
 
-def transplant_spatial(image, config, *, seed: int = 0, dtype=jnp.float32, remat=None, model_cls=None):
-    """A video U-Net of ``config`` whose spatial parameters are the image U-Net ``image``'s (renamed into
-    the spatio-temporal layout) and whose temporal parameters are freshly initialised (identity)."""
-    if model_cls is None:
-        from vldm_jax.models.unet import VideoUNet as model_cls
-
+def transplant_spatial(image, config, *, model_cls, seed: int = 0, dtype=jnp.float32, remat=None):
+    """A ``model_cls`` (a video U-Net class) of ``config`` whose spatial parameters are the image U-Net ``image``'s
+    (renamed into the spatio-temporal layout) and whose temporal parameters are freshly initialised (identity)."""
     try:
         graphdef, abstract_state = abstract_video_unet(model_cls, config, dtype, remat)
     except TypeError:  # an unhashable remat policy: no caching

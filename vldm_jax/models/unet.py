@@ -898,10 +898,10 @@ class VideoUNet(UNet2DConditionModel):
         return context_input(context_latents, context_mask, self.dtype)
 
     @classmethod
-    def from_image_unet(cls, image_unet_or_path, temporal_config: TemporalConfig | dict | None = None, *,
+    def from_image_unet(cls, image_unet, temporal_config: TemporalConfig | dict | None = None, *,
                         seed: int = 0, dtype=None, remat=None) -> "VideoUNet":
-        """The paper's construction: an image U-Net (module, or a folder ``load_model`` reads; a pipeline
-        folder's ``unet/``) with freshly initialised temporal layers inserted after its spatial layers.
+        """The paper's construction: an image U-Net (a :class:`UNet2DConditionModel`) with freshly initialised
+        temporal layers inserted after its spatial layers.
 
         ``temporal_config``: :class:`TemporalConfig` or a dict of its fields (default
         :meth:`TemporalConfig.paper`). The spatial weights are the image U-Net's (copied); every temporal
@@ -910,7 +910,7 @@ class VideoUNet(UNet2DConditionModel):
         """
         from vldm_jax.models.roles import transplant_spatial
 
-        image = _as_image_unet(image_unet_or_path)
+        image = _as_image_unet(image_unet)
         if isinstance(temporal_config, dict):
             temporal_config = TemporalConfig(**temporal_config)
         config = VideoUNetConfig.from_image_config(image.config, temporal_config)
@@ -918,19 +918,11 @@ class VideoUNet(UNet2DConditionModel):
                                   remat=remat, model_cls=cls)
 
 
-def _as_image_unet(image_unet_or_path) -> UNet2DConditionModel:
-    if isinstance(image_unet_or_path, nnx.Module):
-        module = image_unet_or_path
-    else:
-        # Loading is the checkpoints layer's job; imported here so that models/ does not depend on it at import.
-        from pathlib import Path
-
-        from vldm_jax.checkpoints.load import load_model
-
-        path = Path(image_unet_or_path)
-        if (path / "model_index.json").exists() and (path / "unet").is_dir():
-            path = path / "unet"
-        module = load_model(path)
+def _as_image_unet(module) -> UNet2DConditionModel:
+    # Loading is the checkpoints layer's job (vldm_jax.checkpoints.pipeline_folder.load_component): modules don't load.
+    if not isinstance(module, nnx.Module):
+        raise ConfigError(f"expected an image U-Net module (UNet2DConditionModel), got {type(module).__name__}; load "
+                          "a folder with vldm_jax.checkpoints.pipeline_folder.load_component(path, 'unet')")
     if isinstance(module, VideoUNet) or type(module) is not UNet2DConditionModel:
         raise ConfigError(f"expected an image U-Net (UNet2DConditionModel), got {type(module).__name__}")
     return module
