@@ -52,7 +52,6 @@ The trained temporal layers, context modules included (their names contain ``tem
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +60,7 @@ from flax import nnx
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
-from vldm_jax.train.objectives import Setup, TemporalObjective
+from vldm_jax.train.objectives import Setup, TemporalObjective, parse_options
 
 INTERPOLATION_FACTOR = 4
 
@@ -97,45 +96,6 @@ class InterpolationOptions:
     loss_on_context: bool = False
     sample_context_guidance: float = 1.0
     init_temporal: str | None = None
-
-
-def _coerce_option(name: str, value: Any, default: Any, where: str):
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError
-        if isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            return tuple(float(v) for v in value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if value is None or isinstance(value, str):
-            return value
-        raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"objective.options.{name} for {where!r}: bad value {value!r} "
-                          f"(expected something like {default!r})") from None
-
-
-def parse_options(cls, options: Mapping[str, Any] | None, where: str):
-    """``cls`` (:class:`PredictionOptions` / :class:`InterpolationOptions`) from the ``objective.options`` dict;
-    unknown keys and bad values are ConfigErrors naming them."""
-    options = dict(options or {})
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(k for k in options if k not in names)
-    if unknown:
-        raise ConfigError(f"unknown objective.options key {unknown[0]!r} for objective {where!r} "
-                          f"(known: {', '.join(names)})")
-    defaults = cls()
-    return cls(**{k: _coerce_option(k, v, getattr(defaults, k), where) for k, v in options.items()})
 
 
 # ============================================================================================== objectives

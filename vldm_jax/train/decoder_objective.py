@@ -35,6 +35,7 @@ from vldm_jax.errors import ConfigError
 from vldm_jax.models.autoencoder import is_temporal_path
 from vldm_jax.models.discriminator import hinge_d_loss, hinge_g_loss
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
+from vldm_jax.train.objectives import ObjectiveDefaults
 
 TRAINABLE_SETS = ("temporal", "decoder")
 
@@ -218,7 +219,7 @@ def discriminator_loss(discriminator: nnx.Module, real, fake, step, config: Deco
 # ----------------------------------------------------------------------------------- objective / step
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DecoderObjective:
+class DecoderObjective(ObjectiveDefaults):
     """The decoder fine-tuning loss behind the training loop's objective interface
     (:mod:`vldm_jax.train.objectives`): batches carry ``video`` ``(B, F, H, W, 3)`` (float in [-1, 1] or
     uint8) and the global ``step`` (int32 scalar) that times the discriminator's warm-up."""

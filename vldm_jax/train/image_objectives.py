@@ -47,29 +47,7 @@ from flax import nnx
 from vldm_jax.diffusion import schedules
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.temporal import fold_frames
-from vldm_jax.train.objectives import Setup, to_unit_range
-
-
-def _options(cls, options: Mapping[str, Any], where: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(k for k in options if k not in names)
-    if unknown:
-        raise ConfigError(f"unknown objective.options key {unknown[0]!r} for objective {where!r} "
-                          f"(known: {', '.join(names)})")
-    def coerce(key, value):
-        default = getattr(cls, key)
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if not isinstance(value, bool):
-                raise ValueError(f"{key} must be true or false, got {value!r}")
-            return value
-        return type(default)(value)
-
-    try:
-        return cls(**{k: coerce(k, v) for k, v in options.items()})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"objective.options for {where!r}: {e}") from None
+from vldm_jax.train.objectives import ObjectiveDefaults, Setup, parse_options, to_unit_range
 
 
 def _images(batch) -> jax.Array:
@@ -84,6 +62,14 @@ def _path_filter(modules: tuple[str, ...]):
         return isinstance(value, nnx.Param) and len(path) > 0 and path[0] in modules
 
     return keep
+
+
+class _ExportedStage(ObjectiveDefaults):
+    """A stage trained from scratch: its export (``workdir/export``) is written after the last step, and again by a
+    finished run that lacks it."""
+
+    def exported(self, workdir: Path) -> bool:
+        return (workdir / "export").exists()
 
 
 def _merged(graphdef, state):
@@ -152,14 +138,14 @@ def vae_reconstruction_loss(x, rec, options: VAEOptions) -> tuple[jax.Array, dic
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class VAEObjective:
+class VAEObjective(_ExportedStage):
     """Autoencoder training on single frames; batches carry ``video`` ``(B, F, H, W, 3)`` or ``image``."""
 
     options: VAEOptions = VAEOptions()
     trained_module: str = "vae"
 
-    @property
-    def trainable_filter(self):
+    def trainable_filter(self, trainable: str):
+        """``objective.options.trainable`` decides (``model.trainable`` does not apply)."""
         if self.options.trainable == "all":
             return _path_filter(("vae",))
 
@@ -243,7 +229,7 @@ def build_vae_setup(config) -> Setup:
     from vldm_jax.train.state import compute_dtype
 
     m = config.model
-    options = _options(VAEOptions, config.objective.options, "vae")
+    options = parse_options(VAEOptions, config.objective.options, "vae")
     objective = VAEObjective(options)
     dtype = compute_dtype(m.dtype)
     if m.pretrained:
@@ -291,7 +277,7 @@ class ImageModels(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ImageObjective:
+class ImageObjective(_ExportedStage):
     """Text-to-image latent diffusion on single frames.
 
     Batches: ``video`` ``(B, F, H, W, 3)`` in [-1, 1] (every frame an image) or ``image`` ``(B, H, W, 3)``, and
@@ -307,8 +293,8 @@ class ImageObjective:
     options: ImageOptions = ImageOptions()
     trained_module: str = "unet"
 
-    @property
-    def trainable_filter(self):
+    def trainable_filter(self, trainable: str):
+        """The U-Net, and the text encoder with ``train_text_encoder`` (``model.trainable`` does not apply)."""
         return _path_filter(("unet", "text_encoder") if self.options.train_text_encoder else ("unet",))
 
     def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -477,7 +463,7 @@ def build_image_setup(config) -> Setup:
     from vldm_jax.train.state import compute_dtype
 
     m = config.model
-    options = _options(ImageOptions, config.objective.options, "image")
+    options = parse_options(ImageOptions, config.objective.options, "image")
     if not m.pretrained:
         raise ConfigError("objective image needs model.pretrained: the trained VAE's folder (objective vae's "
                           "export/vae) or a pipeline folder whose vae/ to use")

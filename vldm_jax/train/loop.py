@@ -336,7 +336,7 @@ def init_state(setup: Setup, config: Config, mesh, tx, filter_fn):
     n_train = sum(x.size for x in jax.tree.leaves(state.trainable))
     if n_train == 0:
         raise ConfigError(f"model.trainable={config.model.trainable!r} selects no parameter of "
-                          f"{getattr(setup.objective, 'trained_module', 'the model')}")
+                          f"{setup.objective.trained_module}")
     return graphdef, state, shardings
 
 
@@ -407,41 +407,20 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
     if setup is None:
         setup = build_setup(config)
     tx, schedule = statelib.make_optimizer(config.optim, config.train.steps)
-    filter_fn = getattr(setup.objective, "trainable_filter", None) or statelib.trainable_filter(
-        config.model.trainable, setup.objective.trained_module)
-    if getattr(setup.objective, "train_text_encoder", False):
-        unet_filter = filter_fn
-        text_filter = statelib.trainable_filter("all", "text_encoder")
-
-        def filter_fn(path, value):
-            return unet_filter(path, value) or text_filter(path, value)
-    graphdef, state, shardings = init_state(setup, config, mesh, tx, filter_fn)
+    objective = setup.objective
+    graphdef, state, shardings = init_state(setup, config, mesh, tx, objective.trainable_filter(config.model.trainable))
     fingerprint = _frozen_fingerprint(state.frozen)
-
     ckpt = Checkpoints(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                        async_save=config.train.async_checkpoints)
-
-    start = 0
-    latest = ckpt.latest_step()
-    resumed = latest is not None
-    if resumed:
-        state, meta = ckpt.restore(latest, state)
-        _check_fingerprint(meta.get("frozen_fingerprint"), fingerprint, str(workdir))
-        start = int(state.step)
-        data_states = meta.get("data") or {}
-        mine = data_states.get(str(jax.process_index()))
-        if mine is not None and int(meta.get("process_count", 1)) == jax.process_count():
-            data.restore(mine)
-        else:
-            say("the checkpoint's data position is for another process count: the data iterator starts afresh")
-        say(f"resuming from step {start} in {workdir}")
-    elif primary:
+    state, start, saved_step = _resume(ckpt, state, data, fingerprint, workdir, say)
+    resumed = saved_step is not None
+    if not resumed and primary:
         save_config(config, workdir / "config.yaml")
+    global_bs = meshlib.global_batch_size(config.data.batch_size_per_device, mesh)
     n_train = sum(x.size for x in jax.tree.leaves(state.trainable))
     n_all = n_train + sum(x.size for x in jax.tree.leaves(state.frozen))
     say(f"training {n_train:,} of {n_all:,} parameters on {mesh.devices.size} device(s) "
-        f"(mesh data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}); global batch "
-        f"{meshlib.global_batch_size(config.data.batch_size_per_device, mesh)}; "
+        f"(mesh data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}); global batch {global_bs}; "
         f"set up in {time.perf_counter() - t_start:.1f}s")
 
     step_fn = compile_step(graphdef, setup, config, tx, schedule, mesh, shardings)
@@ -449,91 +428,50 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
     sampler = None
     log = MetricsLog(workdir, start_step=start, total=config.train.steps, tensorboard=config.train.tensorboard,
                      progress=config.train.progress, echo=say)
+    window = _MetricsWindow(log, global_bs)
+    budget = _TimeBudget(config.train, multi)
     preemption = Preemption(multi)
-    global_bs = meshlib.global_batch_size(config.data.batch_size_per_device, mesh)
-
-    pending: list[tuple[int, dict]] = []
-    rows: list[dict] = []
-    window_start, window_steps = time.perf_counter(), 0
-    step_times: list[float] = []
     step = start
     preempted = False
-    saved_step = latest
-
-    def flush() -> None:
-        nonlocal window_start, window_steps
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        elapsed = time.perf_counter() - window_start
-        rate = window_steps / elapsed if window_steps > 0 and elapsed > 0 else None
-        if rate:
-            step_times.extend([1.0 / rate] * window_steps)
-        extra = {"steps_per_sec": rate, "samples_per_sec": rate * global_bs} if rate else {}
-        new = [_to_row(s, m, **extra) for (s, _), m in zip(pending, fetched)]
-        rows.extend(new)
-        log.write(new)
-        pending.clear()
-        window_start, window_steps = time.perf_counter(), 0
 
     def meta_for(step_: int, data_state) -> dict:
         return {"step": step_, "data": {str(i): s for i, s in enumerate(_gather_json(data_state))},
                 "process_count": jax.process_count(), "frozen_fingerprint": fingerprint,
                 "config": to_dict(config), "time": time.time()}
 
-    t_loop = None
-
-    def budget_spent(step_: int) -> bool:
-        """train.max_seconds, counted from the start of this run's first step (its compilation included); with
-        several processes, process 0's clock decides at each log step, so all stop at the same step."""
-        if not config.train.max_seconds or step_ >= config.train.steps:
-            return False
-        if len(pending) >= 2:
-            # Steps run asynchronously: without this the host could queue minutes of steps past the budget.
-            # Waiting for the step before the last keeps one step in flight while the next batch is prepared.
-            jax.block_until_ready(pending[-2][1])
-        if multi:
-            if step_ % config.train.log_every:
-                return False
-            from jax.experimental import multihost_utils
-
-            spent = time.perf_counter() - t_loop >= config.train.max_seconds
-            return bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
-        return time.perf_counter() - t_loop >= config.train.max_seconds
-
     try:
         while step < config.train.steps:
-            host = setup.objective.host_batch(next(data))
+            host = objective.host_batch(next(data))
             data_state = data.state()
             batch = meshlib.global_batch(host, mesh)
             if step == start:
-                t_first = t_loop = time.perf_counter()
+                budget.start()
+                t_first = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 jax.block_until_ready(metrics)
                 say(f"compiled and ran the first step in {time.perf_counter() - t_first:.1f}s")
-                window_start, window_steps = time.perf_counter(), -1
+                window.first_step_ran()
             else:
                 state, metrics = step_fn(state, batch)
             step += 1
-            window_steps += 1
-            pending.append((step, metrics))
+            window.add(step, metrics)
             if step % config.train.log_every == 0:
-                flush()
-            if sample_every and step % sample_every == 0 and hasattr(setup.objective, "sample"):
-                flush()
+                window.flush()
+            if sample_every and step % sample_every == 0:
+                window.flush()
                 if sampler is None:
-                    sampler = _sample_fn(graphdef, setup.objective, mesh, shardings, state.ema is not None)
+                    sampler = _sample_fn(graphdef, objective, mesh, shardings, state.ema is not None)
                 _write_samples(sampler, state, batch, step, workdir, log, config.train.seed)
-                window_start = time.perf_counter()
+                window.restart_clock()
             if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-                flush()
+                window.flush()
                 ckpt.save(step, state, meta_for(step, data_state), force=True)
                 saved_step = step
             for hook in hooks:
                 hook(step, state)
-            out_of_time = budget_spent(step)
+            out_of_time = budget.spent(step, window.pending)
             if out_of_time or preemption.reached(step):
-                flush()
+                window.flush()
                 if saved_step != step:
                     ckpt.save(step, state, meta_for(step, data_state), force=True)
                     saved_step = step
@@ -542,7 +480,7 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
                 else:
                     preempted = True
                 break
-        flush()
+        window.flush()
         ckpt.wait()
     finally:
         preemption.close()
@@ -550,44 +488,101 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
         ckpt.close()
     if preempted:
         say(f"stopped by SIGTERM at step {step}; checkpoint saved; run the same command again to resume")
-    elif step > start or (hasattr(setup.objective, "export") and not (workdir / "export").exists()):
-        if hasattr(setup.objective, "export"):
-            # A stage trained from scratch writes its final (EMA) modules where the next stage's
-            # model.pretrained finds them; it may read a few more batches (e.g. the VAE's latent std).
-            if jax.process_index() == 0:
-                setup.objective.export(graphdef, state, workdir, data, say)
-        else:
-            _export_temporal(graphdef, state, workdir, say)
-    step_time = float(np.mean(step_times)) if step_times else None
-    return TrainResult(start_step=start, step=step, preempted=preempted, resumed=resumed, metrics=rows,
+    elif (step > start or not objective.exported(workdir)) and jax.process_index() == 0:
+        # What the next stage or a pipeline loads (temporal layers, a VAE, a pipeline...); an export may read a few
+        # more batches (e.g. the VAE's latent std).
+        objective.export(graphdef, state, workdir, data, say)
+    step_time = float(np.mean(window.step_times)) if window.step_times else None
+    return TrainResult(start_step=start, step=step, preempted=preempted, resumed=resumed, metrics=window.rows,
                        step_time=step_time, workdir=workdir, state=state)
 
 
-def _export_temporal(graphdef, state: statelib.TrainState, workdir: Path, say) -> None:
-    """Writes the trained temporal layers (EMA when kept) as ``workdir/temporal.safetensors``: with any compatible
-    image model they make a video model (``vldm convert SRC DST --temporal FILE``)."""
-    from vldm_jax.models.unet import VideoUNet
+def _resume(ckpt: Checkpoints, state: statelib.TrainState, data: DataIterator, fingerprint, workdir: Path, say):
+    """``(state, start step, latest checkpoint step or None)``: the latest checkpoint of ``workdir`` restored (and the
+    data iterator's position, when saved with as many processes), or the fresh ``state``."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return state, 0, None
+    state, meta = ckpt.restore(latest, state)
+    _check_fingerprint(meta.get("frozen_fingerprint"), fingerprint, str(workdir))
+    start = int(state.step)
+    mine = (meta.get("data") or {}).get(str(jax.process_index()))
+    if mine is not None and int(meta.get("process_count", 1)) == jax.process_count():
+        data.restore(mine)
+    else:
+        say("the checkpoint's data position is for another process count: the data iterator starts afresh")
+    say(f"resuming from step {start} in {workdir}")
+    return state, start, latest
 
-    if jax.process_count() > 1 or not all(x.is_fully_addressable for x in jax.tree.leaves(state.trainable)):
-        return  # a multi-host run's arrays are spread over hosts; its checkpoints hold them
-    if jax.process_index() != 0:
-        return
-    params = state.ema if state.ema is not None else state.trainable
-    models = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen))
-    unet = getattr(models, "unet", None)
-    if not isinstance(unet, VideoUNet):
-        return
-    from vldm_jax.checkpoints.temporal import save_temporal
 
-    path = save_temporal(unet, workdir / "temporal.safetensors", overwrite=True)
-    say(f"wrote the {'EMA ' if state.ema is not None else ''}temporal layers to {path}")
-    if getattr(models, "text_encoder", None) is not None and "text_encoder" in dict(params):
-        # objective.train_text_encoder: the next stages and the pipeline need the text encoder this run trained.
-        from vldm_jax.checkpoints.store import atomic_folder, save_module
+class _MetricsWindow:
+    """The metrics of the steps since the last flush (still on device, so steps run ahead of the host) and the
+    measured step rate; ``flush`` fetches them into log rows."""
 
-        with atomic_folder(workdir / "text_encoder", overwrite=True) as tmp:
-            save_module(models.text_encoder, tmp)
-        say(f"wrote the trained text encoder to {workdir / 'text_encoder'}")
+    def __init__(self, log: MetricsLog, global_batch: int):
+        self.log, self.global_batch = log, global_batch
+        self.pending: list[tuple[int, dict]] = []
+        self.rows: list[dict] = []
+        self.step_times: list[float] = []
+        self.restart_clock()
+        self.steps = 0
+
+    def restart_clock(self) -> None:
+        """Time spent from here on counts toward the step rate (not what came before: sampling, compiling)."""
+        self.start = time.perf_counter()
+
+    def first_step_ran(self) -> None:
+        # The first step compiled: the rate is measured from its end, over the steps after it.
+        self.restart_clock()
+        self.steps = -1
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+        self.steps += 1
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fetched = jax.device_get([m for _, m in self.pending])
+        elapsed = time.perf_counter() - self.start
+        rate = self.steps / elapsed if self.steps > 0 and elapsed > 0 else None
+        if rate:
+            self.step_times.extend([1.0 / rate] * self.steps)
+        extra = {"steps_per_sec": rate, "samples_per_sec": rate * self.global_batch} if rate else {}
+        new = [_to_row(s, m, **extra) for (s, _), m in zip(self.pending, fetched)]
+        self.rows.extend(new)
+        self.log.write(new)
+        self.pending.clear()
+        self.restart_clock()
+        self.steps = 0
+
+
+class _TimeBudget:
+    """``train.max_seconds``, counted from the start of this run's first step (its compilation included); with
+    several processes, process 0's clock decides at each log step, so all stop at the same step."""
+
+    def __init__(self, train_config, multi: bool):
+        self.config, self.multi = train_config, multi
+        self.t0 = None
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def spent(self, step: int, pending: list[tuple[int, dict]]) -> bool:
+        if not self.config.max_seconds or step >= self.config.steps:
+            return False
+        if len(pending) >= 2:
+            # Steps run asynchronously: without this the host could queue minutes of steps past the budget.
+            # Waiting for the step before the last keeps one step in flight while the next batch is prepared.
+            jax.block_until_ready(pending[-2][1])
+        if self.multi:
+            if step % self.config.log_every:
+                return False
+            from jax.experimental import multihost_utils
+
+            spent = time.perf_counter() - self.t0 >= self.config.max_seconds
+            return bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+        return time.perf_counter() - self.t0 >= self.config.max_seconds
 
 
 def _write_samples(sampler, state, batch, step: int, workdir: Path, log: MetricsLog, seed: int) -> None:
@@ -619,7 +614,8 @@ def make_data_iterator(config: Config, mesh, workdir: Path, echo: Callable[[str]
     resolution = (d.height, d.width)
     if d.in_memory:
         return _in_memory_shapes(config, mesh, echo)
-    from vldm_jax.data import DataIterator as TFDSIterator, default_data_dir, prepare_dataset
+    from vldm_jax.data import DataIterator as TFDSIterator
+    from vldm_jax.data import default_data_dir, prepare_dataset
 
     def prepare():
         return prepare_dataset(d.path, default_data_dir(workdir), num_frames=d.num_frames, resolution=resolution,

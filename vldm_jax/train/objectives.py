@@ -1,11 +1,9 @@
-"""Training objectives: one loss per Video LDM stage, all behind one small interface.
+"""Training objectives: one loss per Video LDM stage, all behind one declared interface, :class:`Objective`.
 
-The interface (what the training loop calls; later stages such as prediction masking, interpolation, the
-upsampler and decoder GAN fine-tuning implement the same four members):
+What the training loop calls (:class:`ObjectiveDefaults` gives the members an objective may leave out):
 
 ``trained_module: str``
-    The attribute of the models container whose parameters may train (``'unet'``; ``'decoder'``...).
-    ``model.trainable`` selects among them (``temporal`` by default); every other variable is frozen.
+    The attribute of the models container whose parameters may train (``'unet'``; ``'vae'``...).
 ``host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]``
     Host-side preparation of one process's batch before it becomes global device arrays: tokenizing
     ``caption`` strings into ``input_ids``, dtype casts. Strings never enter the compiled step.
@@ -17,9 +15,14 @@ upsampler and decoder GAN fine-tuning implement the same four members):
     parameters; frozen networks called here (VAE, text encoder) are constants.
 ``sample(model, batch, key) -> videos (B, F, H, W, 3) in [0, 1] | None``
     Traced; what the loop writes as sample GIFs every ``train.sample_every`` steps (None: nothing to show).
-``trainable_filter`` (optional)
-    An NNX filter ``(path, variable) -> bool`` over the whole container; when an objective has one, it
-    decides what trains instead of ``model.trainable`` applied to ``trained_module``.
+``trainable_filter(trainable: str) -> filter``
+    An NNX filter ``(path, variable) -> bool`` over the whole container: what trains. By default
+    ``model.trainable`` (``trainable``) applied to ``trained_module``, plus the whole text encoder when the
+    objective trains it (``train_text_encoder``); every other variable is frozen.
+``export(graphdef, state, workdir, data, say) -> Path | None``
+    Writes what the next stage or a pipeline loads (process 0 only, after the last step): the temporal layers
+    (``workdir/temporal.safetensors``), a VAE, a text-to-image pipeline...; ``exported(workdir)`` says whether a
+    finished run, run again, still has to write it.
 
 A two-player loss (decoder GAN) fits the single-loss interface by stopping gradients: the generator term
 sees the discriminator through ``stop_gradient`` of its parameters and the discriminator term sees
@@ -34,6 +37,8 @@ such samples run the U-Net as the image model (alpha = 1 in every AlphaBlender).
 from __future__ import annotations
 
 import dataclasses
+import typing
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
@@ -45,8 +50,12 @@ from vldm_jax.diffusion import schedules
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
 
+Filter = Callable[[tuple, Any], bool]
+
 
 class Objective(Protocol):
+    """The interface of a training objective (the module docstring describes each member)."""
+
     trained_module: str
 
     def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -54,6 +63,119 @@ class Objective(Protocol):
     def loss(self, model: nnx.Module, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, dict]: ...
 
     def sample(self, model: nnx.Module, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array | None: ...
+
+    def trainable_filter(self, trainable: str) -> Filter: ...
+
+    def export(self, graphdef, state, workdir: Path, data, say: Callable[[str], None]) -> Path | None: ...
+
+    def exported(self, workdir: Path) -> bool: ...
+
+
+class ObjectiveDefaults:
+    """The members an :class:`Objective` may leave out: no samples; ``model.trainable`` applied to
+    ``trained_module`` trains (and the whole text encoder with ``train_text_encoder``); nothing to export."""
+
+    train_text_encoder = False
+
+    def sample(self, model, batch, key) -> jax.Array | None:
+        return None
+
+    def trainable_filter(self, trainable: str) -> Filter:
+        from vldm_jax.train import state as statelib
+
+        keep = statelib.trainable_filter(trainable, self.trained_module)
+        if not self.train_text_encoder:
+            return keep
+        text = statelib.trainable_filter("all", "text_encoder")
+        return lambda path, value: keep(path, value) or text(path, value)
+
+    def export(self, graphdef, state, workdir: Path, data, say: Callable[[str], None]) -> Path | None:
+        return None
+
+    def exported(self, workdir: Path) -> bool:
+        return True
+
+
+def export_temporal(graphdef, state, workdir: Path, say: Callable[[str], None]) -> Path | None:
+    """Writes the trained temporal layers (EMA when kept) as ``workdir/temporal.safetensors``: with any compatible
+    image model they make a video model (``vldm convert SRC DST --temporal FILE``). With a trained text encoder
+    (``objective.train_text_encoder``) also ``workdir/text_encoder``, which the next stages and the pipeline need."""
+    from vldm_jax.models.unet import VideoUNet
+
+    if jax.process_count() > 1 or not all(x.is_fully_addressable for x in jax.tree.leaves(state.trainable)):
+        return None  # a multi-host run's arrays are spread over hosts; its checkpoints hold them
+    if jax.process_index() != 0:
+        return None
+    params = state.ema if state.ema is not None else state.trainable
+    models = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen))
+    unet = getattr(models, "unet", None)
+    if not isinstance(unet, VideoUNet):
+        return None
+    from vldm_jax.checkpoints.temporal import save_temporal
+
+    path = save_temporal(unet, workdir / "temporal.safetensors", overwrite=True)
+    say(f"wrote the {'EMA ' if state.ema is not None else ''}temporal layers to {path}")
+    if getattr(models, "text_encoder", None) is not None and "text_encoder" in dict(params):
+        from vldm_jax.checkpoints.store import atomic_folder, save_module
+
+        with atomic_folder(workdir / "text_encoder", overwrite=True) as tmp:
+            save_module(models.text_encoder, tmp)
+        say(f"wrote the trained text encoder to {workdir / 'text_encoder'}")
+    return path
+
+
+def parse_options(cls, options: Mapping[str, Any] | None, where: str):
+    """The options dataclass ``cls`` from the ``objective.options`` dict of objective ``where``: each value coerced
+    to its field's type (from the default, or the annotation when the default is None); unknown keys and bad values
+    are ConfigErrors naming them."""
+    options = dict(options or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(k for k in options if k not in names)
+    if unknown:
+        raise ConfigError(f"unknown objective.options key {unknown[0]!r} for objective {where!r} "
+                          f"(known: {', '.join(names)})")
+    defaults = cls()
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce_option(k, v, getattr(defaults, k), hints.get(k), where) for k, v in options.items()})
+
+
+_EXAMPLES = {bool: False, int: 0, float: 0.0, str: "", dict: {}, tuple: ()}
+
+
+def _coerce_option(name: str, value: Any, default: Any, hint: Any, where: str):
+    if default is None:
+        if value is None:
+            return None
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)]
+        kind = typing.get_origin(kinds[0]) or kinds[0] if kinds else str
+        default = _EXAMPLES.get(kind, "")
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, (bool, int)):
+            return bool(value)
+        raise ConfigError(f"objective.options.{name} must be true or false for objective {where!r} (got {value!r})")
+    try:
+        if isinstance(default, dict):
+            if not isinstance(value, Mapping):
+                raise ValueError
+            return dict(value)
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(float(v) for v in value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if value is None or isinstance(value, str):
+            return value
+        raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"objective.options.{name} for {where!r}: bad value {value!r} "
+                          f"(expected something like {default!r})") from None
 
 
 class VideoModels(nnx.Module):
@@ -75,7 +197,7 @@ def to_unit_range(video: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TemporalObjective:
+class TemporalObjective(ObjectiveDefaults):
     """Video LDM temporal fine-tuning.
 
     Batch keys, with ``encode_in_step`` (the frozen VAE and text encoder run inside the step):
@@ -243,6 +365,9 @@ class TemporalObjective:
         images = model.vae.decode(fold_frames(latents) / self.scaling_factor + self.shift_factor)
         return unfold_frames(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0), f)
 
+    def export(self, graphdef, state, workdir: Path, data, say: Callable[[str], None]) -> Path | None:
+        return export_temporal(graphdef, state, workdir, say)
+
 
 # ------------------------------------------------------------------------------------------------ building
 
@@ -300,7 +425,7 @@ class Setup:
     then placed with the same shardings.
     """
 
-    objective: Any
+    objective: Objective
     init_models: Callable[[], nnx.Module]
     traceable: bool = True
 

@@ -26,14 +26,30 @@ from flax import nnx
 from vldm_jax.diffusion import schedules
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
-from vldm_jax.train.objectives import Setup, VideoModels, _temporal_config, noise_schedule, to_unit_range
+from vldm_jax.train.objectives import (
+    ObjectiveDefaults,
+    Setup,
+    VideoModels,
+    _temporal_config,
+    export_temporal,
+    noise_schedule,
+    parse_options,
+    to_unit_range,
+)
 
 X4_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02,
                 "prediction_type": "v_prediction", "clip_sample": False, "set_alpha_to_one": False,
                 "steps_offset": 1, "timestep_spacing": "leading"}
 X4_LOW_RES_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02}
-OPTIONS = {"max_noise_level": None, "low_res_factor": 4, "low_res_scheduler": None, "text_dropout": 0.0,
-           "sample_noise_level": 20}
+@dataclasses.dataclass(frozen=True)
+class UpsamplerOptions:
+    """``objective.options`` of ``upsampler``."""
+
+    max_noise_level: int | None = None  # None: the pretrained pipeline's (350 for random models)
+    low_res_factor: int = 4
+    low_res_scheduler: dict | None = None  # None: the pretrained pipeline's low-res scheduler (x4's otherwise)
+    text_dropout: float = 0.0
+    sample_noise_level: int = 20
 
 
 def downsample(video: jax.Array, factor: int) -> jax.Array:
@@ -44,7 +60,7 @@ def downsample(video: jax.Array, factor: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class UpsamplerObjective:
+class UpsamplerObjective(ObjectiveDefaults):
     """Batch keys: ``video (B, F, H, W, 3)`` float in [-1, 1] (or uint8) with H, W multiples of
     ``low_res_factor``; ``input_ids (B, 77)`` (or ``caption`` strings, tokenized by :meth:`host_batch`)."""
 
@@ -132,14 +148,9 @@ class UpsamplerObjective:
         frames = model.vae.decode(fold_frames(latents) / self.scaling_factor)
         return unfold_frames(jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0), f)
 
-
-def _options(config) -> dict:
-    opts = dict(config.objective.options or {})
-    unknown = sorted(set(opts) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"objective.options: unknown key(s) {', '.join(unknown)} for the upsampler "
-                          f"(known: {', '.join(OPTIONS)})")
-    return {**OPTIONS, **opts}
+    def export(self, graphdef, state, workdir, data, say):
+        """The trained temporal layers, ``workdir/temporal.safetensors``."""
+        return export_temporal(graphdef, state, workdir, say)
 
 
 def build_upsampler_setup(config) -> Setup:
@@ -153,11 +164,11 @@ def build_upsampler_setup(config) -> Setup:
     from vldm_jax.train.state import compute_dtype
 
     m, o = config.model, config.objective
-    opts = _options(config)
+    opts = parse_options(UpsamplerOptions, config.objective.options, "upsampler")
     dtype = compute_dtype(m.dtype)
     seed = config.train.seed
     temporal = _temporal_config(m.temporal)
-    factor = int(opts["low_res_factor"])
+    factor = opts.low_res_factor
 
     def objective_for(scheduler, low_res, vae_config, tokenizer, max_noise_level, clip_skip):
         sched = {**scheduler, **m.scheduler}
@@ -171,9 +182,9 @@ def build_upsampler_setup(config) -> Setup:
         return UpsamplerObjective(
             schedule=noise_schedule(sched), low_res_schedule=schedules.NoiseSchedule.from_config(dict(low_res)),
             scheduler_config=sched, scaling_factor=float(vae_config.scaling_factor),
-            max_noise_level=int(max_noise_level), low_res_factor=factor, text_dropout=float(opts["text_dropout"]),
+            max_noise_level=int(max_noise_level), low_res_factor=factor, text_dropout=opts.text_dropout,
             tokenizer=tokenizer, null_ids=null, clip_skip=clip_skip,
-            sample_noise_level=int(opts["sample_noise_level"]), sample_scheduler=o.sample_scheduler,
+            sample_noise_level=opts.sample_noise_level, sample_scheduler=o.sample_scheduler,
             sample_steps=o.sample_steps, sample_guidance=o.sample_guidance)
 
     def check_unet(unet_config, max_noise_level, latent_channels):
@@ -187,8 +198,8 @@ def build_upsampler_setup(config) -> Setup:
         from vldm_jax.checkpoints.pipeline_folder import load_upscaler_parts
 
         pipe = load_upscaler_parts(m.pretrained, dtype=dtype)
-        max_level = opts["max_noise_level"] if opts["max_noise_level"] is not None else pipe["max_noise_level"]
-        low_res = opts["low_res_scheduler"] or pipe["low_res_scheduler_config"]
+        max_level = opts.max_noise_level if opts.max_noise_level is not None else pipe["max_noise_level"]
+        low_res = opts.low_res_scheduler or pipe["low_res_scheduler_config"]
         check_unet(pipe["unet"].config, max_level, pipe["vae"].config.latent_channels)
         objective = objective_for(pipe["scheduler_config"], low_res, pipe["vae"].config, pipe["tokenizer"], max_level,
                                   pipe["clip_skip"])
@@ -211,7 +222,7 @@ def build_upsampler_setup(config) -> Setup:
     if not (m.unet and m.vae and m.text_encoder):
         raise ConfigError("set model.pretrained (an x4 upscaler folder) or model.unet, model.vae and "
                           "model.text_encoder (random configs for a smoke test)")
-    max_level = opts["max_noise_level"] if opts["max_noise_level"] is not None else 350
+    max_level = opts.max_noise_level if opts.max_noise_level is not None else 350
     unet_config = VideoUNetConfig.from_image_config(config_from_dict(UNet2DConditionConfig, m.unet), temporal)
     vae_config = config_from_dict(AutoencoderKLConfig, m.vae)
     text_config = CLIPTextConfig.from_dict(m.text_encoder)
@@ -220,7 +231,7 @@ def build_upsampler_setup(config) -> Setup:
     if text_config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.text_encoder.vocab_size {text_config.vocab_size} is smaller than the bundled CLIP "
                           f"tokenizer's {len(tokenizer)}")
-    objective = objective_for(X4_SCHEDULER, opts["low_res_scheduler"] or X4_LOW_RES_SCHEDULER, vae_config, tokenizer,
+    objective = objective_for(X4_SCHEDULER, opts.low_res_scheduler or X4_LOW_RES_SCHEDULER, vae_config, tokenizer,
                               max_level, 0)
 
     def init_models():
