@@ -1,7 +1,7 @@
 """vldm_jax: Video LDM ("Align your Latents") in JAX / Flax NNX.
 
-The public surface: :func:`load_model`, the pipelines and the errors. Heavy submodules are
-imported on first use so that ``import vldm_jax`` stays cheap.
+The public surface: :func:`load_model`, the pipelines (:class:`TextToVideoPipeline`, the Video LDM cascade, first)
+and the errors. Heavy submodules are imported on first use so that ``import vldm_jax`` stays cheap.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "vldm_jax.checkpoints.load",
+    "TextToVideoPipeline": "vldm_jax.pipelines.text_to_video",
     "TextToImagePipeline": "vldm_jax.pipelines.text_to_image",
     "ImageToVideoPipeline": "vldm_jax.pipelines.image_to_video",
 }
