@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from vldm_jax.pipelines import defaults
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other user error
@@ -29,9 +31,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_load_args(p)
     p.add_argument("--out", default="image.png", help="output image (.png, .jpg, .webp)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim", help="ddim, dpm++ or euler")
+    p.add_argument("--steps", type=int, default=defaults.IMAGE_STEPS)
+    p.add_argument("--guidance", type=float, default=defaults.IMAGE_GUIDANCE)
+    p.add_argument("--scheduler", default=defaults.SCHEDULER, help="ddim, dpm++ or euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -49,14 +51,14 @@ def _build_parser() -> argparse.ArgumentParser:
                                                            "interpolation factor)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per stage (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale on the text")
-    p.add_argument("--scheduler", default="ddim", help="ddim, dpm++ or euler")
+    p.add_argument("--scheduler", default=defaults.SCHEDULER, help="ddim, dpm++ or euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--interpolate", type=int, default=None,
                    help="temporal interpolation factor: 1, 4 or 16 (default: the model's)")
     p.add_argument("--upscale", action="store_true", help="run the video upsampler (x4 in space)")
-    p.add_argument("--decode-chunk", type=int, default=8, help="frames decoded at a time")
+    p.add_argument("--decode-chunk", type=int, default=defaults.DECODE_CHUNK, help="frames decoded at a time")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = sub.add_parser("interpolate", help="insert frames between the frames of a video with a Video LDM "
@@ -89,13 +91,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's, 14 or 25)")
     p.add_argument("--fps", type=int, default=None, help="frame rate: the model's conditioning and the output's "
                                                          "(SVD default 7; Video LDM: the model's)")
-    p.add_argument("--motion", type=int, default=127, help="motion bucket id (more motion when higher)")
-    p.add_argument("--noise-aug", type=float, default=0.02, help="noise added to the input image")
+    p.add_argument("--motion", type=int, default=defaults.SVD_MOTION_BUCKET,
+                   help="motion bucket id (more motion when higher)")
+    p.add_argument("--noise-aug", type=float, default=defaults.SVD_NOISE_AUG, help="noise added to the input image")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (SVD default 25; Video LDM: the model's)")
-    p.add_argument("--min-guidance", type=float, default=1.0, help="guidance scale of the first frame")
-    p.add_argument("--max-guidance", type=float, default=3.0, help="guidance scale of the last frame")
+    p.add_argument("--min-guidance", type=float, default=defaults.SVD_MIN_GUIDANCE,
+                   help="guidance scale of the first frame")
+    p.add_argument("--max-guidance", type=float, default=defaults.SVD_MAX_GUIDANCE,
+                   help="guidance scale of the last frame")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode-chunk", type=int, default=8, help="frames decoded at a time (memory vs. consistency)")
+    p.add_argument("--decode-chunk", type=int, default=defaults.DECODE_CHUNK,
+                   help="frames decoded at a time (memory vs. consistency)")
     p.add_argument("--height", type=int, default=None, help="default 576 (1024 for portrait images)")
     p.add_argument("--width", type=int, default=None, help="default 1024 (576 for portrait images)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -109,9 +115,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "(stabilityai/stable-diffusion-x4-upscaler: fresh temporal layers, i.e. per-frame)")
     p.add_argument("--out", required=True, help="output video (.gif, .mp4, .webm, .webp)")
     p.add_argument("--prompt", default="", help="text prompt describing the video")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=9.0)
-    p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-res input (0..max_noise_level)")
+    p.add_argument("--steps", type=int, default=defaults.VIDEO_UPSCALE_STEPS)
+    p.add_argument("--guidance", type=float, default=defaults.UPSCALE_GUIDANCE)
+    p.add_argument("--noise-level", type=int, default=defaults.UPSCALE_NOISE_LEVEL, help="noise added to the low-res input (0..max_noise_level)")
     p.add_argument("--tile-size", type=int, default=None,
                    help="denoise on overlapping tiles of this many input pixels (bounds memory for big videos)")
     p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
@@ -207,11 +213,11 @@ def _cmd_animate(args) -> int:
     image = read_image(args.image)
     if video_ldm:
         return _animate_video_ldm(args, image, out)
-    args.fps = args.fps or 7
-    args.steps = args.steps or 25
+    args.fps = args.fps or defaults.SVD_FPS
+    args.steps = args.steps or defaults.SVD_STEPS
     portrait = image.shape[0] > image.shape[1]
-    height = args.height or (1024 if portrait else 576)
-    width = args.width or (576 if portrait else 1024)
+    height = args.height or (defaults.SVD_WIDTH if portrait else defaults.SVD_HEIGHT)
+    width = args.width or (defaults.SVD_HEIGHT if portrait else defaults.SVD_WIDTH)
 
     import jax.numpy as jnp
 
@@ -260,8 +266,8 @@ def _write_generated(out, video, pipe, args, t0) -> int:
     """Writes a Video LDM result at ``--fps`` (default: the model's rate times the interpolation factor)."""
     from vldm_jax.io.video import write_video
 
-    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
-    fps = args.fps if args.fps else pipe.default("fps", 8) * factor
+    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate")
+    fps = args.fps if args.fps else pipe.default("fps") * factor
     write_video(out, video, fps=fps)
     print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -319,7 +325,7 @@ def _cmd_interpolate(args) -> int:
     pipe = _load_video_ldm(args.checkpoint)
     video = pipe.interpolate_video(frames, args.prompt, factor=args.factor, num_inference_steps=args.steps,
                                    guidance_scale=args.guidance, seed=args.seed, progress=True)
-    out_fps = args.fps if args.fps else (fps or pipe.default("fps", 8)) * args.factor
+    out_fps = args.fps if args.fps else (fps or pipe.default("fps")) * args.factor
     write_video(out, video, fps=out_fps)
     print(f"wrote {out} ({video.shape[0]} frames) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0

@@ -35,6 +35,7 @@ from vldm_jax.checkpoints.pipeline_folder import read_pipeline_folder
 from vldm_jax.diffusion.guidance import classifier_free_guidance, per_frame_scales
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.pipelines import defaults
 from vldm_jax.pipelines.common import advance, denoising_bar, initial_noise
 
 # OpenAI CLIP's normalisation (SVD's feature_extractor/preprocessor_config.json).
@@ -302,9 +303,11 @@ class ImageToVideoPipeline:
         x = x + jnp.float32(noise_aug_strength) * image_noise(key, x.shape)
         return _image_latents(self._vae_graph, self._vae_state, x)
 
-    def __call__(self, image, *, height: int = 576, width: int = 1024, num_frames: int | None = None,
-                 num_inference_steps: int = 25, min_guidance_scale: float = 1.0, max_guidance_scale: float = 3.0,
-                 fps: int = 7, motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
+    def __call__(self, image, *, height: int = defaults.SVD_HEIGHT, width: int = defaults.SVD_WIDTH,
+                 num_frames: int | None = None, num_inference_steps: int = defaults.SVD_STEPS,
+                 min_guidance_scale: float = defaults.SVD_MIN_GUIDANCE,
+                 max_guidance_scale: float = defaults.SVD_MAX_GUIDANCE, fps: int = defaults.SVD_FPS,
+                 motion_bucket_id: int = defaults.SVD_MOTION_BUCKET, noise_aug_strength: float = defaults.SVD_NOISE_AUG,
                  decode_chunk_size: int | None = None, seed: int = 0, latents=None,
                  progress: bool = False) -> np.ndarray:
         """Animates ``image`` (a PIL image, a uint8 ``(H, W, 3)`` array, or a list of them: one video each).

@@ -19,6 +19,7 @@ from flax import nnx
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import UserError
+from vldm_jax.pipelines import defaults
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
@@ -99,9 +100,9 @@ class TextToImagePipeline:
         return encode_prompts(self.tokenizer, self._text_graph, self._text_state, prompts, self.clip_skip)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, scheduler: str = "ddim", seed: int = 0, latents=None,
-                 num_images_per_prompt: int = 1, eta: float = 0.0, progress: bool = False) -> np.ndarray:
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = defaults.IMAGE_STEPS,
+                 guidance_scale: float = defaults.IMAGE_GUIDANCE, scheduler: str = defaults.SCHEDULER, seed: int = 0,
+                 latents=None, num_images_per_prompt: int = 1, eta: float = 0.0, progress: bool = False) -> np.ndarray:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         b = len(prompts)

@@ -36,6 +36,7 @@ from vldm_jax.diffusion.samplers import SAMPLER_NAMES
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.pipelines import stages
 from vldm_jax.pipelines.common import denoising_bar, encode_prompts, initial_noise
+from vldm_jax.pipelines.defaults import DECODE_CHUNK, SCHEDULER, VIDEO_LDM
 
 INTERPOLATE_CHOICES = (1, 4, 16)
 _MODEL_PARTS = ("unet", "interpolator", "predictor", "vae", "text_encoder")
@@ -116,8 +117,12 @@ class TextToVideoPipeline:
     def latent_channels(self) -> int:
         return self.unet.config.out_channels
 
-    def default(self, name: str, fallback):
-        return self.defaults.get(name, fallback)
+    def default(self, name: str, fallback=None):
+        """The model folder's default for ``name``, else ``fallback``, else
+        :data:`~vldm_jax.pipelines.defaults.VIDEO_LDM`'s."""
+        if name in self.defaults:
+            return self.defaults[name]
+        return fallback if fallback is not None else VIDEO_LDM.get(name)
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
         """Prompts -> context ``(B, 77, D)``."""
@@ -162,8 +167,8 @@ class TextToVideoPipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 scheduler: str = "ddim", interpolate: int | None = None, interpolation_steps: int | None = None,
-                 interpolation_window: int | None = None, decode_chunk_size: int | None = 8,
+                 scheduler: str = SCHEDULER, interpolate: int | None = None, interpolation_steps: int | None = None,
+                 interpolation_window: int | None = None, decode_chunk_size: int | None = DECODE_CHUNK,
                  upscale: bool = False, upscale_kwargs: dict | None = None, seed: int = 0, latents=None,
                  progress: bool = False, return_latents: bool = False):
         """Text -> video frames ``(B, F_out, H, W, 3)`` in [0, 1].
@@ -173,11 +178,11 @@ class TextToVideoPipeline:
         ``(B, F, h, w, C)``. ``return_latents``: also return the final latents before decoding.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        interpolate = self.default("interpolate", 1) if interpolate is None else interpolate
+        interpolate = self.default("interpolate") if interpolate is None else interpolate
         if interpolation_window is None:
-            interpolation_window = self.default("interpolation_window", None)
-        steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
-        guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+            interpolation_window = self.default("interpolation_window")
+        steps = self.default("num_inference_steps") if num_inference_steps is None else num_inference_steps
+        guidance = self.default("guidance_scale") if guidance_scale is None else guidance_scale
         interp_guidance = self.default("interpolation_guidance_scale", guidance)
         self._check_common(steps, scheduler, interpolate)
         if num_frames is None:
@@ -215,9 +220,9 @@ class TextToVideoPipeline:
     # ------------------------------------------------------------------------------------------ image -> video
     def animate(self, image, prompt: str = "", negative_prompt: str | None = None, *, num_frames: int | None = None,
                 window: int | None = None, num_context: int = 1, num_inference_steps: int | None = None,
-                guidance_scale: float | None = None, context_guidance_scale: float = 1.0, scheduler: str = "ddim",
-                interpolate: int | None = None, decode_chunk_size: int | None = 8, upscale: bool = False, seed: int = 0,
-                progress: bool = False) -> np.ndarray:
+                guidance_scale: float | None = None, context_guidance_scale: float = 1.0, scheduler: str = SCHEDULER,
+                interpolate: int | None = None, decode_chunk_size: int | None = DECODE_CHUNK, upscale: bool = False,
+                seed: int = 0, progress: bool = False) -> np.ndarray:
         """An image (``(H, W, 3)`` uint8 or float in [0, 1], or a list of 1-2 such frames) -> video
         ``(F, H, W, 3)`` in [0, 1] whose first frame is the image after a VAE round trip.
 
@@ -226,15 +231,15 @@ class TextToVideoPipeline:
         window's context."""
         if self.predictor is None:
             raise UserError("this pipeline has no prediction model (cannot animate images)")
-        interpolate = self.default("interpolate", 1) if interpolate is None else interpolate
+        interpolate = self.default("interpolate") if interpolate is None else interpolate
         frames = [image] if np.asarray(image).ndim == 3 else list(image)
         if not 1 <= len(frames) <= 2:
             raise UserError(f"animate takes 1 or 2 context frames (got {len(frames)})")
         pixels = np.stack([_as_float_frame(fr) for fr in frames])[None]  # (1, Fc, H, W, 3)
         h, w = pixels.shape[2:4]
         self._size(h, w)
-        steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
-        guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        steps = self.default("num_inference_steps") if num_inference_steps is None else num_inference_steps
+        guidance = self.default("guidance_scale") if guidance_scale is None else guidance_scale
         interp_guidance = self.default("interpolation_guidance_scale", guidance)
         self._check_common(steps, scheduler, interpolate)
         window = window or self.default("num_frames", getattr(self.predictor.config, "num_frames", 8))
@@ -262,7 +267,7 @@ class TextToVideoPipeline:
             for p in range(passes):
                 latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
                                              key=jax.random.fold_in(key, 100 + p), steps=steps, scheduler=scheduler,
-                                             window_keyframes=self.default("interpolation_window", None),
+                                             window_keyframes=self.default("interpolation_window"),
                                              guidance_scale=interp_guidance, progress=True)
             video = np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
         if upscale:
@@ -273,9 +278,9 @@ class TextToVideoPipeline:
 
     # ------------------------------------------------------------------------------------------ video -> video
     def interpolate_video(self, video, prompt: str = "", *, factor: int = 4, num_inference_steps: int | None = None,
-                          guidance_scale: float | None = None, scheduler: str = "ddim",
-                          window_keyframes: int | None = None, decode_chunk_size: int | None = 8, seed: int = 0,
-                          progress: bool = False) -> np.ndarray:
+                          guidance_scale: float | None = None, scheduler: str = SCHEDULER,
+                          window_keyframes: int | None = None, decode_chunk_size: int | None = DECODE_CHUNK,
+                          seed: int = 0, progress: bool = False) -> np.ndarray:
         """Any video ``(F, H, W, 3)`` (uint8 or float [0, 1]) -> ``(factor (F-1) + 1, H, W, 3)``: encode, insert the
         frames between each pair with the interpolation model (``factor`` 4, or 16 = twice), decode. The input
         frames come back after a VAE round trip."""
@@ -286,12 +291,12 @@ class TextToVideoPipeline:
         if frames.shape[1] < 2:
             raise UserError("interpolation needs a video of at least 2 frames")
         self._size(frames.shape[2], frames.shape[3])
-        steps = self.default("num_inference_steps", 25) if num_inference_steps is None else num_inference_steps
-        guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        steps = self.default("num_inference_steps") if num_inference_steps is None else num_inference_steps
+        guidance = self.default("guidance_scale") if guidance_scale is None else guidance_scale
         interp_guidance = (self.default("interpolation_guidance_scale", guidance) if guidance_scale is None
                            else guidance_scale)
         self._check_common(steps, scheduler, factor)
-        window = window_keyframes or self.default("interpolation_window", None)
+        window = window_keyframes or self.default("interpolation_window")
         key = jax.random.key(seed)
         latents = self.codec.encode(frames)
         text, null_text = self._texts([prompt], None, guidance != 1.0 or interp_guidance != 1.0)

@@ -36,6 +36,7 @@ from vldm_jax.diffusion import schedules
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.pipelines import defaults
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
@@ -330,8 +331,9 @@ class UpscalePipeline:
             return np.asarray(out, np.float32)
 
     def __call__(self, image, prompt: str | Sequence[str] = "", negative_prompt: str | Sequence[str] | None = None,
-                 *, num_inference_steps: int = 75, guidance_scale: float = 9.0, noise_level: int = 20,
-                 scheduler: str = "ddim", seed: int = 0, latents=None, low_res_noise=None, eta: float = 0.0,
+                 *, num_inference_steps: int = defaults.UPSCALE_STEPS,
+                 guidance_scale: float = defaults.UPSCALE_GUIDANCE, noise_level: int = defaults.UPSCALE_NOISE_LEVEL,
+                 scheduler: str = defaults.SCHEDULER, seed: int = 0, latents=None, low_res_noise=None, eta: float = 0.0,
                  tile_size: int | None = None, tile_overlap: int | None = None, tile_batch: int = 4,
                  decode_chunk: int = 1, progress: bool = False) -> np.ndarray:
         """``latents`` ``(B, H, W, 4)`` and ``low_res_noise`` ``(B, H, W, 3)`` replace the draws from ``seed``
@@ -391,9 +393,11 @@ class VideoUpscalePipeline(UpscalePipeline):
                    image.scheduler_config, image.low_res_scheduler_config, max_noise_level=image.max_noise_level,
                    clip_skip=image.clip_skip)
 
-    def __call__(self, video, prompt: str = "", negative_prompt: str | None = None, *, num_inference_steps: int = 20,
-                 guidance_scale: float = 9.0, noise_level: int = 20, tile_size: int | None = None,
-                 tile_overlap: int | None = None, tile_batch: int = 4, decode_chunk: int = 1, scheduler: str = "ddim",
+    def __call__(self, video, prompt: str = "", negative_prompt: str | None = None, *,
+                 num_inference_steps: int = defaults.VIDEO_UPSCALE_STEPS,
+                 guidance_scale: float = defaults.UPSCALE_GUIDANCE, noise_level: int = defaults.UPSCALE_NOISE_LEVEL,
+                 tile_size: int | None = None, tile_overlap: int | None = None, tile_batch: int = 4, decode_chunk: int = 1,
+                 scheduler: str = defaults.SCHEDULER,
                  seed: int = 0, latents=None, low_res_noise=None, eta: float = 0.0,
                  progress: bool = True) -> np.ndarray:
         """``video``: ``(F, H, W, 3)`` uint8 or float in [0, 1]. ``tile_size`` / ``tile_overlap``: in low-res
