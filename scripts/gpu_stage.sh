@@ -1,5 +1,5 @@
-# Sourced by the GPU training scripts (train_default_model_gpu.sh, direction_experiment_gpu.sh): the options every
-# GPU stage shares and `stage`, which trains one stage until its time budget and reports how it ended.
+# Sourced by the GPU training scripts (train_default_model_gpu.sh, docs/experiments/direction_experiment_gpu.sh):
+# the options every GPU stage shares and `stage`, which trains one stage until its time budget and reports how it ended.
 # Needs RUNS and PYTHON set; EXTRA (more --set options for every stage) is optional.
 
 common=(--set data.in_memory=true --set optim.schedule=constant --set train.steps=1000000

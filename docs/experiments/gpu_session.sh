@@ -2,13 +2,13 @@
 # One lent-GPU session (issue 7, plus the GPU checks of issue 8): preflight, the default model's stages 2-4
 # (scripts/train_default_model_gpu.sh) inside a deadline, scripts/gpu_check.py, and the results under $OUT.
 #
-#   OUT=/tmp/out DEADLINE=450 scripts/gpu_session.sh
+#   OUT=/tmp/out DEADLINE=450 docs/experiments/gpu_session.sh
 #
 # The machine's own python3 (JAX with CUDA, PyTorch) runs the repository in place. If the preflight test fails
 # with its packages, the flax/optax/orbax wheels carried in .whl/ (the versions CI tests) are tried instead;
 # diffusers (not on that machine) comes from .whl/ for gpu_check.py only.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHON=python3
 OUT=${OUT:?set OUT}
 RUNS=${RUNS:-/tmp/runs}

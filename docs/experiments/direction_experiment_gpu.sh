@@ -10,7 +10,7 @@
 #
 # (3x3x3 temporal convolutions were considered too, but they make the shipped model 42 MiB, over its 40 MB budget.)
 #
-#   scripts/direction_experiment_gpu.sh            # PIPELINE=runs/gpu/image/export/pipeline DEADLINE=540
+#   docs/experiments/direction_experiment_gpu.sh   # PIPELINE=runs/gpu/image/export/pipeline DEADLINE=540
 #
 # Each variant writes RUNS/<variant>/temporal.safetensors; then, on any machine,
 #   python scripts/assemble_default_model.py --runs runs/gpu --video RUNS/<variant> --out /tmp/<variant>
@@ -18,7 +18,7 @@
 # Environment: RUNS (default runs/direction), PIPELINE (the image LDM pipeline folder), DEADLINE (seconds for the
 # whole script), EXAMPLES (clips, default 20000), PYTHON, EXTRA (more --set options for every variant).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 RUNS=${RUNS:-runs/direction}
 PIPELINE=${PIPELINE:-runs/gpu/image/export/pipeline}
