@@ -137,6 +137,19 @@ def constrain_frame_tokens(x: jax.Array, batch_size: int) -> jax.Array:
     return _constrain(x, mesh, [_entry(axes)] + [None] * (x.ndim - 1))
 
 
+def videos_per_call(batch: int, num_frames: int) -> int:
+    """How many videos one model call should take under the active mesh: all ``batch`` of them, except when
+    frames are split over ``context`` and a device would hold frames of several videos. The folded layout
+    ``(B*F, ...)`` is then not the video layout ``(B, F/c, ...)`` and XLA would regather activations at every
+    fold, so the caller runs groups of one video per batch shard instead (classifier-free guidance's doubled
+    batch on a context-only mesh: two calls of one video, each split over all devices)."""
+    mesh = current_mesh()
+    if mesh is None or _context_size(mesh) == 1 or num_frames % _context_size(mesh):
+        return batch
+    shards = _size(mesh, _batch_axes(mesh))
+    return shards if batch % shards == 0 else 1
+
+
 def video_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """The sharding a pipeline puts its noise and latents ``(B, F, h, w, C)`` in."""
     return NamedSharding(mesh, video_spec(shape, mesh))

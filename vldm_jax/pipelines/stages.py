@@ -27,7 +27,7 @@ from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import UserError
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
 from vldm_jax.parallel import mesh as meshlib
-from vldm_jax.parallel.activations import activation_mesh, batch_sharding, video_sharding
+from vldm_jax.parallel.activations import activation_mesh, batch_sharding, video_sharding, videos_per_call
 from vldm_jax.pipelines.common import advance, as_sample_keys, fold_keys, per_sample_normal
 
 INTERPOLATION_FACTOR = 4  # the paper's interpolation model: 3 new frames between each pair of keyframes
@@ -85,10 +85,18 @@ def _sample_body(graph, state, sampler, noise, text, null_text, context_latents,
                  context_scale, key, *, guide_text: bool, guide_context: bool, progress: bool):
     unet = nnx.merge(graph, state)
 
-    def call(x, t, txt, lat, mask):
+    def call_group(x, t, txt, lat, mask):
         tt = jnp.broadcast_to(t, (x.shape[0],))
         kwargs = {} if lat is None else {"context_latents": lat, "context_mask": mask}
         return unet(x, tt, txt, **kwargs)
+
+    def call(x, t, txt, lat, mask):
+        g = videos_per_call(x.shape[0], x.shape[1])
+        if g == x.shape[0]:
+            return call_group(x, t, txt, lat, mask)
+        part = lambda a, i: None if a is None else a[i:i + g]  # noqa: E731
+        return jnp.concatenate([call_group(part(x, i), t, part(txt, i), part(lat, i), part(mask, i))
+                                for i in range(0, x.shape[0], g)])
 
     def denoise(x, t):
         return guided_output(call, x, t, text, null_text, context_latents, context_mask, text_scale, context_scale,
