@@ -31,9 +31,10 @@ import math
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vldm_jax.parallel.mesh import BATCH_AXES
+from vldm_jax.parallel.mesh import BATCH_AXES, tree_shardings
 
 CONTEXT_AXIS = "context"
 
@@ -162,3 +163,20 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     if batch and shape and shape[0] % _size(mesh, batch) == 0:
         spec[0] = _entry(batch)
     return NamedSharding(mesh, P(*spec))
+
+
+def place_state(state, mesh: Mesh):
+    """A model state (parameters) on ``mesh``, sharded by the default logical-axis rules (over ``fsdp`` where the
+    mesh has it, else replicated)."""
+    return jax.device_put(state, tree_shardings(state, mesh))
+
+
+def place_inputs(mesh: Mesh, *arrays):
+    """Videos ``(B, F, ...)`` (5-D) with frames over ``context``, every other array by its batch; None stays."""
+    def one(a):
+        if a is None:
+            return None
+        a = jnp.asarray(a)
+        return jax.device_put(a, video_sharding(mesh, a.shape) if a.ndim == 5 else batch_sharding(mesh, a.shape))
+
+    return tuple(one(a) for a in arrays)

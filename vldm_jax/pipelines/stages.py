@@ -26,8 +26,7 @@ from flax import nnx
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import UserError
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
-from vldm_jax.parallel import mesh as meshlib
-from vldm_jax.parallel.activations import activation_mesh, batch_sharding, video_sharding, videos_per_call
+from vldm_jax.parallel.activations import activation_mesh, place_inputs, place_state
 from vldm_jax.pipelines.common import advance, as_sample_keys, fold_keys, per_sample_normal
 
 INTERPOLATION_FACTOR = 4  # the paper's interpolation model: 3 new frames between each pair of keyframes
@@ -85,18 +84,10 @@ def _sample_body(graph, state, sampler, noise, text, null_text, context_latents,
                  context_scale, key, *, guide_text: bool, guide_context: bool, progress: bool):
     unet = nnx.merge(graph, state)
 
-    def call_group(x, t, txt, lat, mask):
+    def call(x, t, txt, lat, mask):
         tt = jnp.broadcast_to(t, (x.shape[0],))
         kwargs = {} if lat is None else {"context_latents": lat, "context_mask": mask}
         return unet(x, tt, txt, **kwargs)
-
-    def call(x, t, txt, lat, mask):
-        g = videos_per_call(x.shape[0], x.shape[1])
-        if g == x.shape[0]:
-            return call_group(x, t, txt, lat, mask)
-        part = lambda a, i: None if a is None else a[i:i + g]  # noqa: E731
-        return jnp.concatenate([call_group(part(x, i), t, part(txt, i), part(lat, i), part(mask, i))
-                                for i in range(0, x.shape[0], g)])
 
     def denoise(x, t):
         return guided_output(call, x, t, text, null_text, context_latents, context_mask, text_scale, context_scale,
@@ -161,23 +152,6 @@ class VideoSampler:
         return _sample(self.graph, state, sampler, noise, text, null, context_latents, context_mask,
                        jnp.float32(guidance_scale), jnp.float32(context_guidance_scale), key,
                        guide_text=guide_text, guide_context=guide_context, progress=progress, mesh=mesh)
-
-
-def place_state(state, mesh):
-    """A model state on ``mesh``, sharded by :data:`vldm_jax.parallel.mesh.DEFAULT_RULES`."""
-    return jax.device_put(state, meshlib.tree_shardings(state, mesh))
-
-
-def place_inputs(mesh, *arrays):
-    """Videos ``(B, F, ...)`` (5-D) with frames over ``context``, everything else by batch; None stays None."""
-    def one(a):
-        if a is None:
-            return None
-        a = jnp.asarray(a)
-        sharding = video_sharding(mesh, a.shape) if a.ndim == 5 else batch_sharding(mesh, a.shape)
-        return jax.device_put(a, sharding)
-
-    return tuple(one(a) for a in arrays)
 
 
 # ------------------------------------------------------------------------------------------- prediction

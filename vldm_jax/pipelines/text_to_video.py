@@ -233,7 +233,9 @@ class TextToVideoPipeline:
         if upscale:
             if self.upsampler is None:
                 raise UserError("this pipeline has no upsampler (drop upscale)")
-            frames = np.stack([self.upsampler(v, prompts[i], progress=progress, seed=seed, **(upscale_kwargs or {}))
+            seeds = np.broadcast_to(np.asarray(seed), (len(prompts),))
+            frames = np.stack([self.upsampler(v, prompts[i], progress=progress, seed=int(seeds[i]), mesh=mesh,
+                                              **(upscale_kwargs or {}))
                                for i, v in enumerate(frames)])
         return (frames, frames_latents) if return_latents else frames
 
@@ -293,7 +295,7 @@ class TextToVideoPipeline:
         if upscale:
             if self.upsampler is None:
                 raise UserError("this pipeline has no upsampler (drop upscale)")
-            video = self.upsampler(video, prompt, progress=progress, seed=seed)
+            video = self.upsampler(video, prompt, progress=progress, seed=seed, mesh=mesh)
         return video
 
     # ------------------------------------------------------------------------------------------ video -> video
