@@ -88,7 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-guidance", type=float, default=1.0, help="Video LDM: guidance on the given frame")
     p.add_argument("--interpolate", type=int, default=None,
                    help="Video LDM: temporal interpolation factor 1, 4 or 16 (default: the model's)")
-    p.add_argument("--mesh", default=None, metavar="AXIS=N,...", help="Video LDM: " + MESH_HELP)
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...", help=MESH_HELP)
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints (trusted files only)")
     p.add_argument("--out", default="video.mp4", help="output video (.gif, .mp4, .webm, .webp)")
     p.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's, 14 or 25)")
@@ -210,8 +210,9 @@ def _cmd_animate(args) -> int:
         if value is not None and (value <= 0 or (value % 8 and not video_ldm)):
             raise UserError(f"{name} must be a positive multiple of 8 (got {value})")
     image = read_image(args.image)
+    mesh = _mesh(args.mesh)
     if video_ldm:
-        return _animate_video_ldm(args, image, out)
+        return _animate_video_ldm(args, image, out, mesh)
     args.fps = args.fps or 7
     args.steps = args.steps or 25
     portrait = image.shape[0] > image.shape[1]
@@ -230,7 +231,7 @@ def _cmd_animate(args) -> int:
     video = pipe(image, height=height, width=width, num_frames=args.frames, num_inference_steps=args.steps,
                  min_guidance_scale=args.min_guidance, max_guidance_scale=args.max_guidance, fps=args.fps,
                  motion_bucket_id=args.motion, noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk,
-                 seed=args.seed, progress=True)
+                 seed=args.seed, progress=True, mesh=mesh)
     write_video(out, video[0], fps=args.fps)
     print(f"wrote {out} ({video.shape[1]} frames, {width}x{height}) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
@@ -313,9 +314,8 @@ def _output_paths(outs, n: int, suffixes, overwrite: bool):
     return paths
 
 
-def _animate_video_ldm(args, image, out) -> int:
+def _animate_video_ldm(args, image, out, mesh) -> int:
     t0 = time.perf_counter()
-    mesh = _mesh(args.mesh)
     pipe = _load_video_ldm(args.checkpoint)
     if args.height or args.width:
         from PIL import Image
