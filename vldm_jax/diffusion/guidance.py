@@ -2,7 +2,8 @@
 
 Conditioning is any pytree of arrays with the batch on axis 0 (text context, context frames and
 their mask, image embeddings, added time ids...), so the same function serves text guidance,
-guidance on context frames and Stable Video Diffusion's per-frame scales.
+guidance on context frames and Stable Video Diffusion's per-frame scales. :func:`guided_output` is the
+Video LDM form with separate scales on the text and on the context frames (up to three branches).
 """
 
 from __future__ import annotations
@@ -94,3 +95,39 @@ def guided_denoiser(
         return classifier_free_guidance(model_fn, x, t, cond, uncond, scale, frame_axis=frame_axis)
 
     return denoise
+
+
+def guided_output(call, x, t, text, null_text, context_latents, context_mask, text_scale, context_scale, *,
+                  guide_text: bool, guide_context: bool):
+    """The denoiser output with classifier-free guidance on the text and/or the context frames, one batched
+    U-Net call.
+
+    ``call(x, t, text, context_latents, context_mask)``. Branches (∅ = empty prompt / no context frames):
+    text only: ``e(∅, c) + s_text (e(t, c) - e(∅, c))``; context only: ``e(t, ∅) + s_ctx (e(t, c) - e(t, ∅))``;
+    both: ``e(∅, ∅) + s_text (e(t, ∅) - e(∅, ∅)) + s_ctx (e(t, c) - e(t, ∅))``. With neither (or both scales
+    1 in the two-branch forms) the output is ``e(t, c)``, exactly the unguided model.
+    """
+    has_context = context_latents is not None
+    no_mask = None if not has_context else jnp.zeros_like(context_mask)
+    branches = []  # (text, mask) per branch, in order
+    if guide_text and guide_context:
+        branches = [(null_text, no_mask), (text, no_mask), (text, context_mask)]
+    elif guide_text:
+        branches = [(null_text, context_mask), (text, context_mask)]
+    elif guide_context:
+        branches = [(text, no_mask), (text, context_mask)]
+    else:
+        return call(x, t, text, context_latents, context_mask)
+    n = len(branches)
+    b = x.shape[0]
+    xs = jnp.concatenate([x] * n)
+    texts = jnp.concatenate([br[0] for br in branches])
+    lat = jnp.concatenate([context_latents] * n) if has_context else None
+    masks = jnp.concatenate([br[1] for br in branches]) if has_context else None
+    out = call(xs, t, texts, lat, masks).astype(jnp.float32)
+    e = [out[i * b:(i + 1) * b] for i in range(n)]
+    if n == 3:
+        res = e[0] + text_scale * (e[1] - e[0]) + context_scale * (e[2] - e[1])
+    else:
+        res = e[0] + (text_scale if guide_text else context_scale) * (e[1] - e[0])
+    return res.astype(x.dtype)

@@ -9,7 +9,7 @@
 Context frames (prediction, interpolation) are given to the model through ``context_latents``/``context_mask``
 (the U-Net's ``context_conditioning``) and held fixed in the sampler (:func:`~vldm_jax.diffusion.samplers.sample`'s
 ``known``), so they come back unchanged. Classifier-free guidance may act on the text, on the context frames,
-or on both (:func:`guided_output`). Every sampling loop is one ``lax.scan`` compiled once per
+or on both (:func:`~vldm_jax.diffusion.guidance.guided_output`). Every sampling loop is one ``lax.scan`` compiled once per
 (sampler, shapes, guidance branches); a stage's later calls with new prompts, seeds or scales reuse it.
 """
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vldm_jax.diffusion.guidance import guided_output
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import UserError
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
@@ -32,47 +33,7 @@ from vldm_jax.pipelines.common import advance, as_sample_keys, fold_keys, per_sa
 INTERPOLATION_FACTOR = 4  # the paper's interpolation model: 3 new frames between each pair of keyframes
 
 
-def _is_one(scale) -> bool:
-    return isinstance(scale, (int, float)) and float(scale) == 1.0
-
-
-def guided_output(call, x, t, text, null_text, context_latents, context_mask, text_scale, context_scale, *,
-                  guide_text: bool, guide_context: bool):
-    """The denoiser output with classifier-free guidance on the text and/or the context frames, one batched
-    U-Net call.
-
-    ``call(x, t, text, context_latents, context_mask)``. Branches (∅ = empty prompt / no context frames):
-    text only: ``e(∅, c) + s_text (e(t, c) - e(∅, c))``; context only: ``e(t, ∅) + s_ctx (e(t, c) - e(t, ∅))``;
-    both: ``e(∅, ∅) + s_text (e(t, ∅) - e(∅, ∅)) + s_ctx (e(t, c) - e(t, ∅))``. With neither (or both scales
-    1 in the two-branch forms) the output is ``e(t, c)``, exactly the unguided model.
-    """
-    has_context = context_latents is not None
-    no_mask = None if not has_context else jnp.zeros_like(context_mask)
-    branches = []  # (text, mask) per branch, in order
-    if guide_text and guide_context:
-        branches = [(null_text, no_mask), (text, no_mask), (text, context_mask)]
-    elif guide_text:
-        branches = [(null_text, context_mask), (text, context_mask)]
-    elif guide_context:
-        branches = [(text, no_mask), (text, context_mask)]
-    else:
-        return call(x, t, text, context_latents, context_mask)
-    n = len(branches)
-    b = x.shape[0]
-    xs = jnp.concatenate([x] * n)
-    texts = jnp.concatenate([br[0] for br in branches])
-    lat = jnp.concatenate([context_latents] * n) if has_context else None
-    masks = jnp.concatenate([br[1] for br in branches]) if has_context else None
-    out = call(xs, t, texts, lat, masks).astype(jnp.float32)
-    e = [out[i * b:(i + 1) * b] for i in range(n)]
-    if n == 3:
-        res = e[0] + text_scale * (e[1] - e[0]) + context_scale * (e[2] - e[1])
-    else:
-        res = e[0] + (text_scale if guide_text else context_scale) * (e[1] - e[0])
-    return res.astype(x.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("graph", "guide_text", "guide_context", "progress", "mesh"))
+@functools.partial(jax.jit, static_argnames=("graph", "guide_text", "guide_context", "progress"))
 def _sample(graph, state, sampler, noise, text, null_text, context_latents, context_mask, text_scale, context_scale,
             key, *, guide_text: bool, guide_context: bool, progress: bool, mesh=None):
     with activation_mesh(mesh):  # traced under the mesh: activations pinned where frames fold

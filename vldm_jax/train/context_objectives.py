@@ -205,9 +205,9 @@ class ContextObjective(TemporalObjective):
         """Latents ``(B, F, h, w, C)`` sampled with the frames of ``mask`` ``(B, F)`` (1: given) taken from ``x0``
         (scaled clean latents; returned unchanged there), the others predicted; guidance on the text
         (``guidance`` > 1, needs ``null_text``) and/or on the context (``context_guidance`` != 1), as
-        :func:`vldm_jax.pipelines.stages.guided_output`. Traceable."""
+        :func:`vldm_jax.diffusion.guidance.guided_output`. Traceable."""
+        from vldm_jax.diffusion.guidance import guided_output
         from vldm_jax.diffusion.samplers import make_sampler, sample
-        from vldm_jax.pipelines.stages import guided_output
 
         b, f = x0.shape[:2]
         steps = self.sample_steps if steps is None else steps
