@@ -33,7 +33,7 @@ from vldm_jax.pipelines.common import advance, as_sample_keys, fold_keys, per_sa
 INTERPOLATION_FACTOR = 4  # the paper's interpolation model: 3 new frames between each pair of keyframes
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "guide_text", "guide_context", "progress"))
+@functools.partial(jax.jit, static_argnames=("graph", "guide_text", "guide_context", "progress", "mesh"))
 def _sample(graph, state, sampler, noise, text, null_text, context_latents, context_mask, text_scale, context_scale,
             key, *, guide_text: bool, guide_context: bool, progress: bool, mesh=None):
     with activation_mesh(mesh):  # traced under the mesh: activations pinned where frames fold
