@@ -41,12 +41,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="text-to-video with a Video LDM pipeline (keyframes -> interpolation -> "
                                         "decoder -> upsampler)")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="+", help="one or more prompts (one video each, sampled as one batch)")
     p.add_argument("--checkpoint", default=None,
                    help="Video LDM pipeline folder or hub id (default: the bundled moving-shapes model)")
-    p.add_argument("--out", default="video.gif", help="output video (.gif, .mp4, .webm, .webp)")
+    p.add_argument("--out", default=["video.gif"], nargs="+",
+                   help="output video (.gif, .mp4, .webm, .webp): one per prompt, or one name that gets -0, -1, ... "
+                        "for several prompts")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--frames", type=int, default=None, help="keyframes to sample (default: the model's window)")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...", help=MESH_HELP)
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the model's, times the "
                                                            "interpolation factor)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per stage (default: the model's)")
@@ -72,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: input fps x factor)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...", help=MESH_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = sub.add_parser("animate", help="animate an image: Video LDM prediction model (default) or Stable Video "
@@ -86,6 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-guidance", type=float, default=1.0, help="Video LDM: guidance on the given frame")
     p.add_argument("--interpolate", type=int, default=None,
                    help="Video LDM: temporal interpolation factor 1, 4 or 16 (default: the model's)")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...", help=MESH_HELP)
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints (trusted files only)")
     p.add_argument("--out", default="video.mp4", help="output video (.gif, .mp4, .webm, .webp)")
     p.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's, 14 or 25)")
@@ -211,8 +216,9 @@ def _cmd_animate(args) -> int:
         if value is not None and (value <= 0 or (value % 8 and not video_ldm)):
             raise UserError(f"{name} must be a positive multiple of 8 (got {value})")
     image = read_image(args.image)
+    mesh = _mesh(args.mesh)
     if video_ldm:
-        return _animate_video_ldm(args, image, out)
+        return _animate_video_ldm(args, image, out, mesh)
     args.fps = args.fps or defaults.SVD_FPS
     args.steps = args.steps or defaults.SVD_STEPS
     portrait = image.shape[0] > image.shape[1]
@@ -231,7 +237,7 @@ def _cmd_animate(args) -> int:
     video = pipe(image, height=height, width=width, num_frames=args.frames, num_inference_steps=args.steps,
                  min_guidance_scale=args.min_guidance, max_guidance_scale=args.max_guidance, fps=args.fps,
                  motion_bucket_id=args.motion, noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk,
-                 seed=args.seed, progress=True)
+                 seed=args.seed, progress=True, mesh=mesh)
     write_video(out, video[0], fps=args.fps)
     print(f"wrote {out} ({video.shape[1]} frames, {width}x{height}) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
@@ -274,7 +280,39 @@ def _write_generated(out, video, pipe, args, t0) -> int:
     return 0
 
 
-def _animate_video_ldm(args, image, out) -> int:
+MESH_HELP = ("device mesh, e.g. data=2,context=4: prompts over data, each video's frames over context "
+             "(axes data, fsdp, context, tensor; default: one device)")
+
+
+def _mesh(spec):
+    """``--mesh data=2,context=4`` -> a mesh over this host's devices (None without the option)."""
+    if not spec:
+        return None
+    from vldm_jax.parallel.mesh import mesh_from_sizes, parse_mesh
+
+    return mesh_from_sizes(parse_mesh(spec))
+
+
+def _output_paths(outs, n: int, suffixes, overwrite: bool):
+    """``--out`` for ``n`` results: one path each, or one path numbered -0, -1, ...; all checked up front."""
+    from pathlib import Path
+
+    from vldm_jax.errors import UserError
+    from vldm_jax.io.video import check_output_path
+
+    outs = [outs] if isinstance(outs, str) else list(outs)
+    if len(outs) == 1 and n > 1:
+        p = Path(outs[0])
+        outs = [str(p.with_name(f"{p.stem}-{i}{p.suffix}")) for i in range(n)]
+    if len(outs) != n:
+        raise UserError(f"--out names {len(outs)} files for {n} prompts; give one per prompt or one name")
+    paths = [check_output_path(o, suffixes, overwrite=overwrite) for o in outs]
+    if len(set(paths)) != len(paths):
+        raise UserError("--out names the same file twice")
+    return paths
+
+
+def _animate_video_ldm(args, image, out, mesh) -> int:
     t0 = time.perf_counter()
     pipe = _load_video_ldm(args.checkpoint)
     if args.height or args.width:
@@ -285,29 +323,32 @@ def _animate_video_ldm(args, image, out) -> int:
     video = pipe.animate(image, args.prompt, num_frames=args.frames, num_inference_steps=args.steps,
                          guidance_scale=args.guidance, context_guidance_scale=args.context_guidance,
                          interpolate=args.interpolate, decode_chunk_size=args.decode_chunk, seed=args.seed,
-                         progress=True)
+                         progress=True, mesh=mesh)
     return _write_generated(out, video, pipe, args, t0)
 
 
 def _cmd_generate(args) -> int:
     from vldm_jax.errors import UserError
-    from vldm_jax.io.video import VIDEO_SUFFIXES, check_output_path
+    from vldm_jax.io.video import VIDEO_SUFFIXES
     from vldm_jax.pipelines.text_to_video import INTERPOLATE_CHOICES
 
-    out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)
+    outs = _output_paths(args.out, len(args.prompt), VIDEO_SUFFIXES, args.overwrite)
     _check_positive(("--frames", args.frames), ("--steps", args.steps), ("--decode-chunk", args.decode_chunk),
                     ("--height", args.height), ("--width", args.width))
     if args.interpolate is not None and args.interpolate not in INTERPOLATE_CHOICES:
         raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
     if args.fps is not None and args.fps <= 0:
         raise UserError(f"--fps must be positive (got {args.fps})")
+    mesh = _mesh(args.mesh)
     t0 = time.perf_counter()
     pipe = _load_video_ldm(args.checkpoint)
-    video = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
-                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 scheduler=args.scheduler, interpolate=args.interpolate, upscale=args.upscale,
-                 decode_chunk_size=args.decode_chunk, seed=args.seed, progress=True)[0]
-    return _write_generated(out, video, pipe, args, t0)
+    videos = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
+                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  scheduler=args.scheduler, interpolate=args.interpolate, upscale=args.upscale,
+                  decode_chunk_size=args.decode_chunk, seed=args.seed, progress=True, mesh=mesh)
+    for out, video in zip(outs, videos):
+        _write_generated(out, video, pipe, args, t0)
+    return 0
 
 
 def _cmd_interpolate(args) -> int:
@@ -321,10 +362,11 @@ def _cmd_interpolate(args) -> int:
     frames, fps = read_video(args.video)
     if len(frames) < 2:
         raise UserError(f"{args.video}: a video of at least 2 frames is needed (got {len(frames)})")
+    mesh = _mesh(args.mesh)
     t0 = time.perf_counter()
     pipe = _load_video_ldm(args.checkpoint)
     video = pipe.interpolate_video(frames, args.prompt, factor=args.factor, num_inference_steps=args.steps,
-                                   guidance_scale=args.guidance, seed=args.seed, progress=True)
+                                   guidance_scale=args.guidance, seed=args.seed, progress=True, mesh=mesh)
     out_fps = args.fps if args.fps else (fps or pipe.default("fps")) * args.factor
     write_video(out, video, fps=out_fps)
     print(f"wrote {out} ({video.shape[0]} frames) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

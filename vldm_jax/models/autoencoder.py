@@ -19,12 +19,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.attention import Attention
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
 from vldm_jax.nn.temporal import AlphaBlender, TemporalResnetBlock, conv3d, fold_frames, unfold_frames
+from vldm_jax.parallel.activations import CONTEXT_AXIS, activation_mesh, current_mesh
 
 # Every norm in the autoencoder uses this epsilon (diffusers hard-codes it for the VAE).
 VAE_EPS = 1e-6
@@ -582,7 +584,26 @@ class AutoencoderKLTemporalDecoder(nnx.Module):
             frames = self.decode_video(chunk[None])[0]
             return jax.lax.dynamic_update_slice_in_dim(out, frames.astype(out.dtype), i * k, axis=0)
 
-        out = jax.lax.fori_loop(0, full, decode_chunk, out)
+        mesh = current_mesh()
+        p = mesh.shape.get(CONTEXT_AXIS, 1) if mesh is not None else 1
+        done = 0
+        if p > 1 and full >= p:
+            # One chunk per device of the context axis at once: p chunks decoded as a batch of p videos (each
+            # still its own temporal window), the batch split over the devices; inside, no frame constraints.
+            rounds = full // p
+            group_spec = NamedSharding(mesh, P(CONTEXT_AXIS))
+
+            def decode_group(i, out):
+                group = jax.lax.dynamic_slice_in_dim(flat, i * p * k, p * k, axis=0)
+                group = jax.lax.with_sharding_constraint(group.reshape((p, k) + flat.shape[1:]), group_spec)
+                with activation_mesh(None):
+                    frames = self.decode_video(group)
+                frames = frames.reshape((p * k,) + frames.shape[2:])
+                return jax.lax.dynamic_update_slice_in_dim(out, frames.astype(out.dtype), i * p * k, axis=0)
+
+            out = jax.lax.fori_loop(0, rounds, decode_group, out)
+            done = rounds * p
+        out = jax.lax.fori_loop(done, full, decode_chunk, out)
         if rest:
             frames = self.decode_video(flat[full * k:][None])[0]
             out = jax.lax.dynamic_update_slice_in_dim(out, frames.astype(out.dtype), full * k, axis=0)

@@ -35,6 +35,7 @@ from vldm_jax.nn.attention import Transformer2DModel
 from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
+from vldm_jax.parallel.activations import videos_per_call
 from vldm_jax.nn.temporal import (CONTEXT_CONDITIONINGS, FRAME_POSITION_ENCODINGS, MERGE_STRATEGIES,
                                   SpatioTemporalResBlock, TemporalContextEncoder, context_input, zero_init_layer,
                                   TransformerSpatioTemporalModel, fold_frames, unfold_frames)
@@ -840,6 +841,19 @@ class VideoUNet(UNet2DConditionModel):
         if sample.ndim != 5:
             raise UserError(f"the video U-Net takes samples (B, F, h, w, C), got shape {tuple(sample.shape)}")
         b, f = sample.shape[:2]
+        g = videos_per_call(b, f)
+        if g < b and not return_skips:
+            # Frames split over devices, several videos per device: one call per group of videos keeps every
+            # fold in the video's own layout (see vldm_jax.parallel.activations.videos_per_call).
+            def part(a, i):
+                a = None if a is None else jnp.asarray(a)
+                return a if a is None or a.ndim == 0 else a[i:i + g]
+
+            return jnp.concatenate([
+                self(sample[i:i + g], part(timestep, i), part(encoder_hidden_states, i), part(added_time_ids, i),
+                     image_only_indicator=part(image_only_indicator, i), context_latents=part(context_latents, i),
+                     context_mask=part(context_mask, i), class_labels=part(class_labels, i))
+                for i in range(0, b, g)])
         t = jnp.asarray(timestep, jnp.float32)
         if t.ndim == 2:  # per-frame timesteps
             emb = self.time_embed(t.reshape(-1), b * f).reshape(b, f, -1)

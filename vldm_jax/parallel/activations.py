@@ -31,9 +31,10 @@ import math
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vldm_jax.parallel.mesh import BATCH_AXES
+from vldm_jax.parallel.mesh import BATCH_AXES, tree_shardings
 
 CONTEXT_AXIS = "context"
 
@@ -137,6 +138,19 @@ def constrain_frame_tokens(x: jax.Array, batch_size: int) -> jax.Array:
     return _constrain(x, mesh, [_entry(axes)] + [None] * (x.ndim - 1))
 
 
+def videos_per_call(batch: int, num_frames: int) -> int:
+    """How many videos one model call should take under the active mesh: all ``batch`` of them, except when
+    frames are split over ``context`` and a device would hold frames of several videos. The folded layout
+    ``(B*F, ...)`` is then not the video layout ``(B, F/c, ...)`` and XLA would regather activations at every
+    fold, so the caller runs groups of one video per batch shard instead (classifier-free guidance's doubled
+    batch on a context-only mesh: two calls of one video, each split over all devices)."""
+    mesh = current_mesh()
+    if mesh is None or _context_size(mesh) == 1 or num_frames % _context_size(mesh):
+        return batch
+    shards = _size(mesh, _batch_axes(mesh))
+    return shards if batch % shards == 0 else 1
+
+
 def video_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     """The sharding a pipeline puts its noise and latents ``(B, F, h, w, C)`` in."""
     return NamedSharding(mesh, video_spec(shape, mesh))
@@ -149,3 +163,20 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     if batch and shape and shape[0] % _size(mesh, batch) == 0:
         spec[0] = _entry(batch)
     return NamedSharding(mesh, P(*spec))
+
+
+def place_state(state, mesh: Mesh):
+    """A model state (parameters) on ``mesh``, sharded by the default logical-axis rules (over ``fsdp`` where the
+    mesh has it, else replicated)."""
+    return jax.device_put(state, tree_shardings(state, mesh))
+
+
+def place_inputs(mesh: Mesh, *arrays):
+    """Videos ``(B, F, ...)`` (5-D) with frames over ``context``, every other array by its batch; None stays."""
+    def one(a):
+        if a is None:
+            return None
+        a = jnp.asarray(a)
+        return jax.device_put(a, video_sharding(mesh, a.shape) if a.ndim == 5 else batch_sharding(mesh, a.shape))
+
+    return tuple(one(a) for a in arrays)

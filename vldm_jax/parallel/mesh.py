@@ -141,16 +141,18 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def mesh_from_sizes(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh from ``{axis: size}`` (missing axes 1, except ``data``, which takes the remaining devices when
-    not given)."""
-    available = len(devices) if devices is not None else jax.device_count()
+    """A mesh from ``{axis: size}``: missing axes are 1, one size may be -1 (the remaining devices); without a
+    -1 the mesh takes the first ``prod(sizes)`` devices."""
+    devices = list(devices) if devices is not None else jax.devices()
     wanted = math.prod(s for s in sizes.values() if s > 0)
-    if wanted > available:
+    if wanted > len(devices):
         hint = (" (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices)"
-                if jax.default_backend() == "cpu" else "")
-        raise ConfigError(f"mesh {dict(sizes)} needs {wanted} devices, but there are {available}{hint}")
-    data = sizes.get("data", -1 if -1 not in sizes.values() else 1)
-    return make_mesh(data, sizes.get("fsdp", 1), devices, context=sizes.get("context", 1),
+                if devices[0].platform == "cpu" else "")
+        raise ConfigError(f"mesh {','.join(f'{k}={v}' for k, v in sizes.items())} needs {wanted} devices, but there "
+                          f"are {len(devices)}{hint}")
+    if -1 not in sizes.values():
+        devices = devices[:wanted]
+    return make_mesh(sizes.get("data", 1), sizes.get("fsdp", 1), devices, context=sizes.get("context", 1),
                      tensor=sizes.get("tensor", 1))
 
 

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vldm_jax.errors import UserError
 
@@ -39,11 +40,43 @@ def denoising_bar(total: int, enabled: bool = True):
             _BAR[0] = None
 
 
+def sample_keys(seed, batch: int) -> jax.Array:
+    """Per-sample PRNG keys ``(B,)``: ``seed`` an int (every sample from that seed, so a prompt gives the same
+    video alone or in a batch) or one int per sample."""
+    seeds = [int(seed)] * batch if np.ndim(seed) == 0 else [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise UserError(f"got {len(seeds)} seeds for {batch} samples")
+    return jnp.stack([jax.random.key(s) for s in seeds])
+
+
+def as_sample_keys(key: jax.Array, batch: int) -> jax.Array:
+    """Per-sample keys ``(B,)`` from one key (every sample drawn from it) or from per-sample keys (checked)."""
+    if key.ndim == 0:
+        return jnp.stack([key] * batch)
+    if key.shape != (batch,):
+        raise UserError(f"got {key.shape[0]} keys for {batch} samples")
+    return key
+
+
+def fold_keys(keys: jax.Array, data: int) -> jax.Array:
+    """``jax.random.fold_in`` of every per-sample key ``(B,)``."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
+
+
+def per_sample_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Unit Gaussian noise ``(B,) + shape``, sample ``i`` drawn from ``keys[i]`` alone: the same draw whatever
+    the batch (for ``B = 1`` exactly ``jax.random.normal(keys[0], (1,) + shape)``)."""
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), jnp.float32))(keys)
+
+
 def initial_noise(latents, shape: tuple[int, ...], key: jax.Array) -> jax.Array:
-    """Unit-variance starting noise ``shape``: the caller's ``latents`` (checked) or drawn from ``key``.
+    """Unit-variance starting noise ``shape``: the caller's ``latents`` (checked) or drawn from ``key`` (one key
+    for the whole batch, or per-sample keys ``(B,)``: :func:`per_sample_normal`).
 
     The samplers scale it by the scheduler's initial sigma, as diffusers' ``prepare_latents`` does."""
     if latents is None:
+        if key.ndim == 1:
+            return per_sample_normal(key, shape[1:])
         return jax.random.normal(key, shape, jnp.float32)
     noise = jnp.asarray(latents, jnp.float32)
     if noise.shape != tuple(shape):

@@ -35,6 +35,7 @@ from vldm_jax.checkpoints.pipeline_folder import read_pipeline_folder
 from vldm_jax.diffusion.guidance import classifier_free_guidance, per_frame_scales
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.parallel.activations import activation_mesh, place_inputs, place_state
 from vldm_jax.pipelines import defaults
 from vldm_jax.pipelines.common import advance, denoising_bar, initial_noise
 
@@ -192,11 +193,19 @@ def _image_latents(graph, state, pixels):
     return nnx.merge(graph, state).encode(pixels).mode()
 
 
-@functools.partial(jax.jit, static_argnames=("unet_graph", "vae_graph", "guided", "decode_chunk_size"))
+@functools.partial(jax.jit, static_argnames=("unet_graph", "vae_graph", "guided", "decode_chunk_size", "mesh"))
 def _generate(unet_graph, unet_state, vae_graph, vae_state, sampler, noise, image_embeds, image_latents,
-              added_time_ids, scales, scaling_factor, guided: bool, decode_chunk_size: int | None):
+              added_time_ids, scales, scaling_factor, guided: bool, decode_chunk_size: int | None, mesh=None):
     """noise ``(B, F, h, w, C)``; image_embeds ``(B, 1, D)``; image_latents ``(B, h, w, C)``; added_time_ids
-    ``(B, 3)``; scales ``(F,)`` -> frames ``(B, F, H, W, 3)`` in [0, 1]."""
+    ``(B, 3)``; scales ``(F,)`` -> frames ``(B, F, H, W, 3)`` in [0, 1]. Traced under ``mesh`` (frames over
+    ``context``, videos over ``data``)."""
+    with activation_mesh(mesh):
+        return _generate_body(unet_graph, unet_state, vae_graph, vae_state, sampler, noise, image_embeds,
+                              image_latents, added_time_ids, scales, scaling_factor, guided, decode_chunk_size)
+
+
+def _generate_body(unet_graph, unet_state, vae_graph, vae_state, sampler, noise, image_embeds, image_latents,
+                   added_time_ids, scales, scaling_factor, guided: bool, decode_chunk_size: int | None):
     unet = nnx.merge(unet_graph, unet_state)
     vae = nnx.merge(vae_graph, vae_state)
     frames = noise.shape[1]
@@ -309,7 +318,7 @@ class ImageToVideoPipeline:
                  max_guidance_scale: float = defaults.SVD_MAX_GUIDANCE, fps: int = defaults.SVD_FPS,
                  motion_bucket_id: int = defaults.SVD_MOTION_BUCKET, noise_aug_strength: float = defaults.SVD_NOISE_AUG,
                  decode_chunk_size: int | None = None, seed: int = 0, latents=None,
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, mesh=None) -> np.ndarray:
         """Animates ``image`` (a PIL image, a uint8 ``(H, W, 3)`` array, or a list of them: one video each).
 
         Returns float32 ``(B, F, height, width, 3)`` in [0, 1]. ``num_frames`` defaults to the U-Net's
@@ -317,6 +326,7 @@ class ImageToVideoPipeline:
         the decoder's memory; ``latents``: optional initial noise ``(B, F, height/8, width/8, 4)`` (unit
         variance, channels-last; scaled by the scheduler's ``init_noise_sigma`` here, as diffusers does).
         ``seed`` draws the initial noise (unless given) and the noise augmentation of the image.
+        ``mesh``: a :mod:`vldm_jax.parallel` mesh: images over ``data``, frames over ``context``.
         """
         f = self.vae_scale_factor
         num_frames = int(self.unet.config.num_frames if num_frames is None else num_frames)
@@ -350,8 +360,16 @@ class ImageToVideoPipeline:
         # As diffusers: chunks run over the B*F frames flattened (the temporal decoder's decode does the same).
         chunk = None if decode_chunk_size is None else int(decode_chunk_size)
 
+        unet_state, vae_state = self._unet_state, self._vae_state
+        if mesh is not None and mesh.devices.size > 1:
+            unet_state, vae_state = place_state(unet_state, mesh), place_state(vae_state, mesh)
+            noise, image_embeds, image_latents, added_time_ids = place_inputs(
+                mesh, noise, image_embeds, image_latents, added_time_ids)
+        else:
+            mesh = None
         with denoising_bar(num_inference_steps, progress):
-            video = _generate(self._unet_graph, self._unet_state, self._vae_graph, self._vae_state, sampler, noise,
+            video = _generate(self._unet_graph, unet_state, self._vae_graph, vae_state, sampler, noise,
                               image_embeds, image_latents, added_time_ids, scales,
-                              jnp.float32(self.vae.config.scaling_factor), guided=guided, decode_chunk_size=chunk)
+                              jnp.float32(self.vae.config.scaling_factor), guided=guided, decode_chunk_size=chunk,
+                              mesh=mesh)
             return np.asarray(video, dtype=np.float32)

@@ -27,14 +27,22 @@ from vldm_jax.diffusion.guidance import guided_output
 from vldm_jax.diffusion.samplers import make_sampler, sample
 from vldm_jax.errors import UserError
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
-from vldm_jax.pipelines.common import advance
+from vldm_jax.parallel.activations import activation_mesh, place_inputs, place_state
+from vldm_jax.pipelines.common import advance, as_sample_keys, fold_keys, per_sample_normal
 
 INTERPOLATION_FACTOR = 4  # the paper's interpolation model: 3 new frames between each pair of keyframes
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "guide_text", "guide_context", "progress"))
+@functools.partial(jax.jit, static_argnames=("graph", "guide_text", "guide_context", "progress", "mesh"))
 def _sample(graph, state, sampler, noise, text, null_text, context_latents, context_mask, text_scale, context_scale,
-            key, *, guide_text: bool, guide_context: bool, progress: bool):
+            key, *, guide_text: bool, guide_context: bool, progress: bool, mesh=None):
+    with activation_mesh(mesh):  # traced under the mesh: activations pinned where frames fold
+        return _sample_body(graph, state, sampler, noise, text, null_text, context_latents, context_mask, text_scale,
+                            context_scale, key, guide_text=guide_text, guide_context=guide_context, progress=progress)
+
+
+def _sample_body(graph, state, sampler, noise, text, null_text, context_latents, context_mask, text_scale,
+                 context_scale, key, *, guide_text: bool, guide_context: bool, progress: bool):
     unet = nnx.merge(graph, state)
 
     def call(x, t, txt, lat, mask):
@@ -59,6 +67,14 @@ class VideoSampler:
         self.unet = unet
         self.scheduler_config = dict(scheduler_config)
         self.graph, self.state = nnx.split(unet)
+        self._placed: dict = {}
+
+    def state_on(self, mesh):
+        """The parameters placed on ``mesh`` (sharded by the default logical-axis rules: over ``fsdp`` where the
+        mesh has it, else replicated), once per mesh."""
+        if mesh not in self._placed:
+            self._placed[mesh] = place_state(self.state, mesh)
+        return self._placed[mesh]
 
     @property
     def latent_channels(self) -> int:
@@ -70,9 +86,12 @@ class VideoSampler:
 
     def __call__(self, noise, text, null_text=None, *, context_latents=None, context_mask=None, steps: int = 25,
                  scheduler: str = "ddim", guidance_scale: float = 1.0, context_guidance_scale: float = 1.0,
-                 key: jax.Array | None = None, progress: bool = False, **sampler_options) -> jax.Array:
+                 key: jax.Array | None = None, progress: bool = False, mesh=None, **sampler_options) -> jax.Array:
         """noise ``(B, F, h, w, C)`` unit Gaussian; text ``(B, S, D)``; null_text: the empty prompt's context
-        (needed for text guidance); context_latents ``(B, F, h, w, C)`` / context_mask ``(B, F)``."""
+        (needed for text guidance); context_latents ``(B, F, h, w, C)`` / context_mask ``(B, F)``.
+
+        ``mesh``: a device mesh (:mod:`vldm_jax.parallel`): samples over ``data``/``fsdp``, frames over
+        ``context``; the loop is still one compiled ``lax.scan``, with the same result up to float rounding."""
         if steps < 1:
             raise UserError(f"the number of denoising steps must be at least 1 (got {steps})")
         guide_text = guidance_scale != 1.0
@@ -84,9 +103,16 @@ class VideoSampler:
         sampler = make_sampler(scheduler, self.scheduler_config, steps, **sampler_options)
         key = jax.random.key(0) if key is None else key
         null = null_text if null_text is not None else text
-        return _sample(self.graph, self.state, sampler, noise, text, null, context_latents, context_mask,
+        state = self.state
+        if mesh is not None and mesh.devices.size > 1:
+            state = self.state_on(mesh)
+            noise, text, null, context_latents, context_mask = place_inputs(
+                mesh, noise, text, null, context_latents, context_mask)
+        else:
+            mesh = None
+        return _sample(self.graph, state, sampler, noise, text, null, context_latents, context_mask,
                        jnp.float32(guidance_scale), jnp.float32(context_guidance_scale), key,
-                       guide_text=guide_text, guide_context=guide_context, progress=progress)
+                       guide_text=guide_text, guide_context=guide_context, progress=progress, mesh=mesh)
 
 
 # ------------------------------------------------------------------------------------------- prediction
@@ -108,8 +134,9 @@ def rollout(predictor: VideoSampler, context: jax.Array, total_frames: int, wind
     """A video of ``total_frames`` latents continuing ``context`` ``(B, Fc, h, w, C)`` (its first frames):
     windows of ``window`` frames, each conditioned on the newest ``num_context`` frames so far (default ``Fc``).
     Every window has the same shape, so the sampling loop compiles once; the last window may overlap more.
-    Returns ``(B, total_frames, h, w, C)`` whose first ``Fc`` frames are ``context``."""
+    ``key``: per-sample keys ``(B,)`` (:func:`~vldm_jax.pipelines.common.sample_keys`). Returns ``(B, total_frames, h, w, C)`` whose first ``Fc`` frames are ``context``."""
     fc = context.shape[1]
+    key = as_sample_keys(key, context.shape[0])
     n_ctx = fc if num_context is None else num_context
     if total_frames < fc:
         raise UserError(f"asked for {total_frames} frames but {fc} context frames were given")
@@ -120,9 +147,9 @@ def rollout(predictor: VideoSampler, context: jax.Array, total_frames: int, wind
     while video.shape[1] < total_frames:
         given = video[:, -n_ctx:] if video.shape[1] >= n_ctx else video
         lat, mask = context_window(given, window)
-        noise = jax.random.normal(jax.random.fold_in(key, 2 * i), lat.shape, jnp.float32)
+        noise = per_sample_normal(fold_keys(key, 2 * i), lat.shape[1:])
         out = predictor(noise, text, null_text, context_latents=lat, context_mask=mask,
-                        key=jax.random.fold_in(key, 2 * i + 1), **kwargs)
+                        key=jax.random.fold_in(key[0], 2 * i + 1), **kwargs)
         new = out[:, given.shape[1]:]
         video = jnp.concatenate([video, new[:, : total_frames - video.shape[1]]], axis=1)
         i += 1
@@ -155,8 +182,10 @@ def interpolate(interpolator: VideoSampler, keyframes: jax.Array, text, null_tex
     each pair are predicted by masking (keyframes are the context frames, returned unchanged).
 
     ``window_keyframes``: how many keyframes the model sees at once (default all: one window). Windows share
-    their end keyframes and run as one batch."""
+    their end keyframes and run as one batch. ``key``: per-sample keys ``(B,)``; each sample's noise is drawn
+    from its own key, so a video does not depend on the others in the batch."""
     b, t = keyframes.shape[:2]
+    key = as_sample_keys(key, b)
     k = t if window_keyframes is None else min(window_keyframes, t)
     starts = interpolation_windows(t, k)
     f = factor * (k - 1) + 1
@@ -166,10 +195,11 @@ def interpolate(interpolator: VideoSampler, keyframes: jax.Array, text, null_tex
     lat = lat.at[:, pos].set(windows)
     mask = jnp.zeros((lat.shape[0], f)).at[:, pos].set(1.0)
     reps = len(starts)
-    noise = jax.random.normal(jax.random.fold_in(key, 0), lat.shape, jnp.float32)
+    noise = per_sample_normal(fold_keys(key, 0), (reps,) + lat.shape[1:])  # (B, W, f, ...) -> window-major
+    noise = jnp.swapaxes(noise, 0, 1).reshape(lat.shape)
     out = interpolator(noise, jnp.concatenate([text] * reps), None if null_text is None else
                        jnp.concatenate([null_text] * reps), context_latents=lat, context_mask=mask,
-                       key=jax.random.fold_in(key, 1), **kwargs)
+                       key=jax.random.fold_in(key[0], 1), **kwargs)
     out = out.reshape((reps, b) + out.shape[1:])
     # Stitch: the frames after keyframe j come from the first window that starts at or before j.
     total = factor * (t - 1) + 1
@@ -188,8 +218,13 @@ def interpolate(interpolator: VideoSampler, keyframes: jax.Array, text, null_tex
 
 # ------------------------------------------------------------------------------------------------ decode
 
-@functools.partial(jax.jit, static_argnames=("graph", "chunk"))
-def _decode(graph, state, latents, scaling_factor, shift_factor, chunk: int | None):
+@functools.partial(jax.jit, static_argnames=("graph", "chunk", "mesh"))
+def _decode(graph, state, latents, scaling_factor, shift_factor, chunk: int | None, mesh=None):
+    with activation_mesh(mesh):
+        return _decode_body(graph, state, latents, scaling_factor, shift_factor, chunk)
+
+
+def _decode_body(graph, state, latents, scaling_factor, shift_factor, chunk: int | None):
     vae = nnx.merge(graph, state)
     z = latents / scaling_factor + shift_factor
     if hasattr(vae, "decode_video"):  # the temporal decoder: frames of a chunk see each other
@@ -219,6 +254,7 @@ class LatentCodec:
     def __init__(self, vae: nnx.Module):
         self.vae = vae
         self.graph, self.state = nnx.split(vae)
+        self._placed: dict = {}
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
@@ -235,7 +271,15 @@ class LatentCodec:
         return _encode(self.graph, self.state, frames, jnp.float32(self.scaling_factor),
                        jnp.float32(self.shift_factor))
 
-    def decode(self, latents, chunk: int | None = 8) -> jax.Array:
-        """Scaled latents ``(B, F, h, w, C)`` -> frames ``(B, F, H, W, 3)`` in [0, 1], ``chunk`` frames at a time."""
-        return _decode(self.graph, self.state, latents, jnp.float32(self.scaling_factor),
-                       jnp.float32(self.shift_factor), chunk=chunk)
+    def decode(self, latents, chunk: int | None = 8, mesh=None) -> jax.Array:
+        """Scaled latents ``(B, F, h, w, C)`` -> frames ``(B, F, H, W, 3)`` in [0, 1], ``chunk`` frames at a time.
+        With a ``mesh``, the temporal decoder decodes one chunk per device of its ``context`` axis at once."""
+        state = self.state
+        if mesh is not None and mesh.devices.size > 1:
+            if mesh not in self._placed:
+                self._placed[mesh] = place_state(self.state, mesh)
+            state, (latents,) = self._placed[mesh], place_inputs(mesh, latents)
+        else:
+            mesh = None
+        return _decode(self.graph, state, latents, jnp.float32(self.scaling_factor),
+                       jnp.float32(self.shift_factor), chunk=chunk, mesh=mesh)

@@ -19,6 +19,7 @@ from flax import nnx
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import UserError
+from vldm_jax.parallel.activations import activation_mesh, place_inputs, place_state
 from vldm_jax.pipelines import defaults
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
@@ -30,9 +31,16 @@ def _split(module):
     return graphdef, state
 
 
-@functools.partial(jax.jit, static_argnames=("unet_graph", "vae_graph", "guided", "progress"))
+@functools.partial(jax.jit, static_argnames=("unet_graph", "vae_graph", "guided", "progress", "mesh"))
 def _generate(unet_graph, unet_state, vae_graph, vae_state, sampler, context, uncontext, noise, guidance_scale,
-              key, scaling_factor, guided: bool, progress: bool):
+              key, scaling_factor, guided: bool, progress: bool, mesh=None):
+    with activation_mesh(mesh):
+        return _generate_body(unet_graph, unet_state, vae_graph, vae_state, sampler, context, uncontext, noise,
+                              guidance_scale, key, scaling_factor, guided, progress)
+
+
+def _generate_body(unet_graph, unet_state, vae_graph, vae_state, sampler, context, uncontext, noise,
+                   guidance_scale, key, scaling_factor, guided: bool, progress: bool):
     unet = nnx.merge(unet_graph, unet_state)
     vae = nnx.merge(vae_graph, vae_state)
 
@@ -102,7 +110,10 @@ class TextToImagePipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = defaults.IMAGE_STEPS,
                  guidance_scale: float = defaults.IMAGE_GUIDANCE, scheduler: str = defaults.SCHEDULER, seed: int = 0,
-                 latents=None, num_images_per_prompt: int = 1, eta: float = 0.0, progress: bool = False) -> np.ndarray:
+                 latents=None, num_images_per_prompt: int = 1, eta: float = 0.0, progress: bool = False,
+                 mesh=None) -> np.ndarray:
+        """Prompts -> images ``(B, H, W, 3)`` in [0, 1]. ``mesh``: a :mod:`vldm_jax.parallel` mesh, the images
+        split over ``data``/``fsdp`` (parameters over ``fsdp``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         b = len(prompts)
@@ -131,8 +142,15 @@ class TextToImagePipeline:
             uncontext = context
         options = {"eta": eta} if scheduler == "ddim" else {}
         sampler = make_sampler(scheduler, self.scheduler_config, num_inference_steps, **options)
+        unet_state, vae_state = self._unet_state, self._vae_state
+        if mesh is not None and mesh.devices.size > 1:
+            unet_state, vae_state = place_state(unet_state, mesh), place_state(vae_state, mesh)
+            context, uncontext, noise = place_inputs(mesh, context, uncontext, noise)
+        else:
+            mesh = None
         with denoising_bar(num_inference_steps, progress):
-            images = _generate(self._unet_graph, self._unet_state, self._vae_graph, self._vae_state, sampler, context,
+            images = _generate(self._unet_graph, unet_state, self._vae_graph, vae_state, sampler, context,
                                uncontext, noise, jnp.float32(guidance_scale), sample_key,
-                               jnp.float32(self.vae.config.scaling_factor), guided=guided, progress=progress)
+                               jnp.float32(self.vae.config.scaling_factor), guided=guided, progress=progress,
+                               mesh=mesh)
             return np.asarray(images, dtype=np.float32)

@@ -35,7 +35,7 @@ from vldm_jax.checkpoints.pipeline_folder import read_pipeline_folder
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES
 from vldm_jax.errors import CheckpointError, UserError
 from vldm_jax.pipelines import stages
-from vldm_jax.pipelines.common import denoising_bar, encode_prompts, initial_noise
+from vldm_jax.pipelines.common import denoising_bar, encode_prompts, fold_keys, initial_noise, sample_keys
 from vldm_jax.pipelines.defaults import DECODE_CHUNK, SCHEDULER, VIDEO_LDM
 
 INTERPOLATE_CHOICES = (1, 4, 16)
@@ -169,13 +169,16 @@ class TextToVideoPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  scheduler: str = SCHEDULER, interpolate: int | None = None, interpolation_steps: int | None = None,
                  interpolation_window: int | None = None, decode_chunk_size: int | None = DECODE_CHUNK,
-                 upscale: bool = False, upscale_kwargs: dict | None = None, seed: int = 0, latents=None,
-                 progress: bool = False, return_latents: bool = False):
+                 upscale: bool = False, upscale_kwargs: dict | None = None, seed: int | Sequence[int] = 0,
+                 latents=None, progress: bool = False, return_latents: bool = False, mesh=None):
         """Text -> video frames ``(B, F_out, H, W, 3)`` in [0, 1].
 
         ``num_frames``: keyframes sampled by the key-frame model (default: the pipeline's); with ``interpolate``
         4 or 16 the output has ``4(F-1)+1`` or ``16(F-1)+1`` frames. ``latents``: the keyframes' starting noise
         ``(B, F, h, w, C)``. ``return_latents``: also return the final latents before decoding.
+        ``seed``: one for every prompt (a prompt then gives the same video alone or among others, with the
+        deterministic samplers) or one per prompt. ``mesh``: a :func:`vldm_jax.parallel.make_mesh` mesh: prompts
+        over ``data``, frames over ``context``, the decoder's chunks over ``context``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         interpolate = self.default("interpolate") if interpolate is None else interpolate
@@ -195,25 +198,27 @@ class TextToVideoPipeline:
         height, width = self._size(height, width)
         f = self.vae_scale_factor
         shape = (len(prompts), num_frames, height // f, width // f, self.latent_channels)
-        key = jax.random.key(seed)
-        noise = initial_noise(latents, shape, jax.random.fold_in(key, 0))
+        keys = sample_keys(seed, len(prompts))
+        noise = initial_noise(latents, shape, fold_keys(keys, 0))
         text, null_text = self._texts(prompts, negative_prompt, guidance != 1.0 or interp_guidance != 1.0)
         interp_steps = steps if interpolation_steps is None else interpolation_steps
         total = steps + passes * interp_steps
         with denoising_bar(total, progress):
-            keys = self._samplers["unet"](noise, text, null_text, steps=steps, scheduler=scheduler,
-                                          guidance_scale=guidance, key=jax.random.fold_in(key, 1), progress=True)
-            frames_latents = keys
+            frames_latents = self._samplers["unet"](noise, text, null_text, steps=steps, scheduler=scheduler,
+                                                    guidance_scale=guidance, key=jax.random.fold_in(keys[0], 1),
+                                                    progress=True, mesh=mesh)
             for p in range(passes):
                 frames_latents = stages.interpolate(
                     self._samplers["interpolator"], frames_latents, text, null_text,
-                    key=jax.random.fold_in(key, 100 + p), window_keyframes=interpolation_window, steps=interp_steps,
-                    scheduler=scheduler, guidance_scale=interp_guidance, progress=True)
-            frames = np.asarray(self.codec.decode(frames_latents, chunk=decode_chunk_size), np.float32)
+                    key=fold_keys(keys, 100 + p), window_keyframes=interpolation_window, steps=interp_steps,
+                    scheduler=scheduler, guidance_scale=interp_guidance, progress=True, mesh=mesh)
+            frames = np.asarray(self.codec.decode(frames_latents, chunk=decode_chunk_size, mesh=mesh), np.float32)
         if upscale:
             if self.upsampler is None:
                 raise UserError("this pipeline has no upsampler (drop upscale)")
-            frames = np.stack([self.upsampler(v, prompts[i], progress=progress, seed=seed, **(upscale_kwargs or {}))
+            seeds = np.broadcast_to(np.asarray(seed), (len(prompts),))
+            frames = np.stack([self.upsampler(v, prompts[i], progress=progress, seed=int(seeds[i]), mesh=mesh,
+                                              **(upscale_kwargs or {}))
                                for i, v in enumerate(frames)])
         return (frames, frames_latents) if return_latents else frames
 
@@ -222,13 +227,13 @@ class TextToVideoPipeline:
                 window: int | None = None, num_context: int = 1, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, context_guidance_scale: float = 1.0, scheduler: str = SCHEDULER,
                 interpolate: int | None = None, decode_chunk_size: int | None = DECODE_CHUNK, upscale: bool = False,
-                seed: int = 0, progress: bool = False) -> np.ndarray:
+                seed: int = 0, progress: bool = False, mesh=None) -> np.ndarray:
         """An image (``(H, W, 3)`` uint8 or float in [0, 1], or a list of 1-2 such frames) -> video
         ``(F, H, W, 3)`` in [0, 1] whose first frame is the image after a VAE round trip.
 
         ``window``: the predictor's frame count per call (default: the pipeline's ``num_frames``); more
         ``num_frames`` than that rolls out autoregressively, the newest ``num_context`` frames becoming the next
-        window's context."""
+        window's context. ``mesh``: as for :meth:`__call__` (frames over ``context``)."""
         if self.predictor is None:
             raise UserError("this pipeline has no prediction model (cannot animate images)")
         interpolate = self.default("interpolate") if interpolate is None else interpolate
@@ -263,27 +268,27 @@ class TextToVideoPipeline:
             latents = stages.rollout(self._samplers["predictor"], context, num_frames, window, text, null_text,
                                      num_context=n_ctx, key=jax.random.fold_in(key, 1), steps=steps,
                                      scheduler=scheduler, guidance_scale=guidance,
-                                     context_guidance_scale=context_guidance_scale, progress=True)
+                                     context_guidance_scale=context_guidance_scale, progress=True, mesh=mesh)
             for p in range(passes):
                 latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
                                              key=jax.random.fold_in(key, 100 + p), steps=steps, scheduler=scheduler,
                                              window_keyframes=self.default("interpolation_window"),
-                                             guidance_scale=interp_guidance, progress=True)
-            video = np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
+                                             guidance_scale=interp_guidance, progress=True, mesh=mesh)
+            video = np.asarray(self.codec.decode(latents, chunk=decode_chunk_size, mesh=mesh), np.float32)[0]
         if upscale:
             if self.upsampler is None:
                 raise UserError("this pipeline has no upsampler (drop upscale)")
-            video = self.upsampler(video, prompt, progress=progress, seed=seed)
+            video = self.upsampler(video, prompt, progress=progress, seed=seed, mesh=mesh)
         return video
 
     # ------------------------------------------------------------------------------------------ video -> video
     def interpolate_video(self, video, prompt: str = "", *, factor: int = 4, num_inference_steps: int | None = None,
                           guidance_scale: float | None = None, scheduler: str = SCHEDULER,
                           window_keyframes: int | None = None, decode_chunk_size: int | None = DECODE_CHUNK,
-                          seed: int = 0, progress: bool = False) -> np.ndarray:
+                          seed: int = 0, progress: bool = False, mesh=None) -> np.ndarray:
         """Any video ``(F, H, W, 3)`` (uint8 or float [0, 1]) -> ``(factor (F-1) + 1, H, W, 3)``: encode, insert the
         frames between each pair with the interpolation model (``factor`` 4, or 16 = twice), decode. The input
-        frames come back after a VAE round trip."""
+        frames come back after a VAE round trip. ``mesh``: as for :meth:`__call__`."""
         if factor not in (4, 16):
             raise UserError(f"the interpolation factor must be 4 or 16 (got {factor})")
         passes = self._interpolation_passes(factor)
@@ -304,8 +309,9 @@ class TextToVideoPipeline:
             for p in range(passes):
                 latents = stages.interpolate(self._samplers["interpolator"], latents, text, null_text,
                                              key=jax.random.fold_in(key, p), window_keyframes=window, steps=steps,
-                                             scheduler=scheduler, guidance_scale=interp_guidance, progress=True)
-            return np.asarray(self.codec.decode(latents, chunk=decode_chunk_size), np.float32)[0]
+                                             scheduler=scheduler, guidance_scale=interp_guidance, progress=True,
+                                             mesh=mesh)
+            return np.asarray(self.codec.decode(latents, chunk=decode_chunk_size, mesh=mesh), np.float32)[0]
 
 
 def _as_float_frame(frame) -> np.ndarray:

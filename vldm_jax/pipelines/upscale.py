@@ -36,6 +36,7 @@ from vldm_jax.diffusion import schedules
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.parallel.activations import activation_mesh, place_inputs, place_state
 from vldm_jax.pipelines import defaults
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
@@ -158,11 +159,21 @@ def make_denoiser(unet, context, uncontext, image, labels, guidance_scale, *, gu
 
 
 @functools.partial(jax.jit, static_argnames=("unet_graph", "vae_graph", "guided", "tile_shape", "tile_batch",
-                                             "decode_chunk", "progress"))
+                                             "decode_chunk", "progress", "mesh"))
 def _generate(unet_graph, unet_state, vae_graph, vae_state, sampler, context, uncontext, image, labels, noise,
               guidance_scale, key, scaling_factor, starts, weights, *, guided: bool, tile_shape, tile_batch: int,
-              decode_chunk: int, progress: bool):
-    """Latents ``noise (B, [F,] h, w, 4)`` -> images ``(B, [F,] 4h, 4w, 3)`` in [0, 1]."""
+              decode_chunk: int, progress: bool, mesh=None):
+    """Latents ``noise (B, [F,] h, w, 4)`` -> images ``(B, [F,] 4h, 4w, 3)`` in [0, 1]; traced under ``mesh``."""
+    with activation_mesh(mesh):
+        return _generate_body(unet_graph, unet_state, vae_graph, vae_state, sampler, context, uncontext, image,
+                              labels, noise, guidance_scale, key, scaling_factor, starts, weights, guided=guided,
+                              tile_shape=tile_shape, tile_batch=tile_batch, decode_chunk=decode_chunk,
+                              progress=progress)
+
+
+def _generate_body(unet_graph, unet_state, vae_graph, vae_state, sampler, context, uncontext, image, labels, noise,
+                   guidance_scale, key, scaling_factor, starts, weights, *, guided: bool, tile_shape, tile_batch: int,
+                   decode_chunk: int, progress: bool):
     unet = nnx.merge(unet_graph, unet_state)
     vae = nnx.merge(vae_graph, vae_state)
     tiling = None if tile_shape is None else (starts, weights, tile_shape, tile_batch)
@@ -287,7 +298,7 @@ class UpscalePipeline:
 
     def _run(self, images: np.ndarray, prompts: list[str], negative_prompt, *, num_inference_steps, guidance_scale,
              noise_level, scheduler, seed, latents, low_res_noise, eta, tile_size, tile_overlap, tile_batch,
-             decode_chunk, progress):
+             decode_chunk, progress, mesh=None):
         """``images (B, [F,] H, W, 3)`` in [0, 1] -> ``(B, [F,] 4H, 4W, 3)``."""
         self._check_args(noise_level=noise_level, num_inference_steps=num_inference_steps, scheduler=scheduler,
                          tile_size=tile_size, tile_overlap=tile_overlap, tile_batch=tile_batch,
@@ -322,12 +333,18 @@ class UpscalePipeline:
             tile_shape, starts, weights = tile_layout(h, w, tile_size, overlap)
         options = {"eta": eta} if scheduler == "ddim" else {}
         sampler = make_sampler(scheduler, self.scheduler_config, num_inference_steps, **options)
+        unet_state, vae_state = self._unet_state, self._vae_state
+        if mesh is not None and mesh.devices.size > 1:
+            unet_state, vae_state = place_state(unet_state, mesh), place_state(vae_state, mesh)
+            context, uncontext, image, labels, noise = place_inputs(mesh, context, uncontext, image, labels, noise)
+        else:
+            mesh = None
         with denoising_bar(num_inference_steps, progress):
-            out = _generate(self._unet_graph, self._unet_state, self._vae_graph, self._vae_state, sampler, context,
+            out = _generate(self._unet_graph, unet_state, self._vae_graph, vae_state, sampler, context,
                             uncontext, image, labels, noise, jnp.float32(guidance_scale), k_sample,
                             jnp.float32(self.vae.config.scaling_factor), jnp.asarray(starts), jnp.asarray(weights),
                             guided=guided, tile_shape=tile_shape, tile_batch=int(tile_batch),
-                            decode_chunk=int(decode_chunk), progress=progress)
+                            decode_chunk=int(decode_chunk), progress=progress, mesh=mesh)
             return np.asarray(out, np.float32)
 
     def __call__(self, image, prompt: str | Sequence[str] = "", negative_prompt: str | Sequence[str] | None = None,
@@ -335,9 +352,9 @@ class UpscalePipeline:
                  guidance_scale: float = defaults.UPSCALE_GUIDANCE, noise_level: int = defaults.UPSCALE_NOISE_LEVEL,
                  scheduler: str = defaults.SCHEDULER, seed: int = 0, latents=None, low_res_noise=None, eta: float = 0.0,
                  tile_size: int | None = None, tile_overlap: int | None = None, tile_batch: int = 4,
-                 decode_chunk: int = 1, progress: bool = False) -> np.ndarray:
+                 decode_chunk: int = 1, progress: bool = False, mesh=None) -> np.ndarray:
         """``latents`` ``(B, H, W, 4)`` and ``low_res_noise`` ``(B, H, W, 3)`` replace the draws from ``seed``
-        (diffusers draws the low-res noise first, then the latents)."""
+        (diffusers draws the low-res noise first, then the latents). ``mesh``: images over ``data``/``fsdp``."""
         images = _as_unit_float(image, "image")
         if images.ndim == 3:
             images = images[None]
@@ -350,7 +367,7 @@ class UpscalePipeline:
                          guidance_scale=guidance_scale, noise_level=noise_level, scheduler=scheduler, seed=seed,
                          latents=latents, low_res_noise=low_res_noise, eta=eta, tile_size=tile_size,
                          tile_overlap=tile_overlap, tile_batch=tile_batch, decode_chunk=decode_chunk,
-                         progress=progress)
+                         progress=progress, mesh=mesh)
 
 
 class VideoUpscalePipeline(UpscalePipeline):
@@ -399,12 +416,13 @@ class VideoUpscalePipeline(UpscalePipeline):
                  tile_size: int | None = None, tile_overlap: int | None = None, tile_batch: int = 4, decode_chunk: int = 1,
                  scheduler: str = defaults.SCHEDULER,
                  seed: int = 0, latents=None, low_res_noise=None, eta: float = 0.0,
-                 progress: bool = True) -> np.ndarray:
+                 progress: bool = True, mesh=None) -> np.ndarray:
         """``video``: ``(F, H, W, 3)`` uint8 or float in [0, 1]. ``tile_size`` / ``tile_overlap``: in low-res
         (input) pixels; ``tile_size`` a multiple of :attr:`unet_factor` (None: the whole frame at once), the
         overlap at most half a tile (default a quarter). ``tile_batch``: tiles per U-Net call;
         ``decode_chunk``: frames per VAE decode call. ``latents (1, F, H, W, 4)`` / ``low_res_noise
-        (1, F, H, W, 3)`` replace the draws from ``seed``. Returns ``(F, 4H, 4W, 3)`` float32 in [0, 1]."""
+        (1, F, H, W, 3)`` replace the draws from ``seed``. ``mesh``: frames over ``context``. Returns
+        ``(F, 4H, 4W, 3)`` float32 in [0, 1]."""
         frames = _as_unit_float(video, "video")
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
             raise UserError(f"video must be (F, H, W, 3), got shape {frames.shape}")
@@ -414,7 +432,7 @@ class VideoUpscalePipeline(UpscalePipeline):
                         guidance_scale=guidance_scale, noise_level=noise_level, scheduler=scheduler, seed=seed,
                         latents=latents, low_res_noise=low_res_noise, eta=eta, tile_size=tile_size,
                         tile_overlap=tile_overlap, tile_batch=tile_batch, decode_chunk=decode_chunk,
-                        progress=progress)
+                        progress=progress, mesh=mesh)
         return out[0]
 
 

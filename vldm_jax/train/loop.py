@@ -25,6 +25,7 @@ dimension ``batch_size_per_device * local_device_count``); ``it.state()`` -> a J
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from flax import nnx
 
 from vldm_jax.errors import CheckpointError, ConfigError, UserError
 from vldm_jax.parallel import mesh as meshlib
+from vldm_jax.parallel.activations import activation_mesh
 from vldm_jax.train import state as statelib
 from vldm_jax.train.config import Config, save_config, to_dict
 from vldm_jax.train.objectives import Setup, build_setup
@@ -341,12 +343,25 @@ def init_state(setup: Setup, config: Config, mesh, tx, filter_fn):
 
 
 def compile_step(graphdef, setup: Setup, config: Config, tx, schedule, mesh, shardings):
-    step = statelib.make_train_step(graphdef, setup.objective.loss, tx, schedule, config.optim.ema_decay)
+    step = in_mesh(statelib.make_train_step(graphdef, setup.objective.loss, tx, schedule, config.optim.ema_decay),
+                   mesh)
     return jax.jit(step, in_shardings=(shardings, meshlib.batch_sharding(mesh)),
                    out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=(0,))
 
 
+def in_mesh(fn: Callable, mesh) -> Callable:
+    """``fn`` traced under :func:`~vldm_jax.parallel.activations.activation_mesh`: the model's activations are
+    pinned to ``mesh`` (frames over ``context``) wherever frames fold and unfold."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with activation_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
 def _sample_fn(graphdef, objective, mesh, shardings, use_ema: bool):
+    @functools.partial(in_mesh, mesh=mesh)
     def run(state, batch, key):
         params = state.ema if use_ema else state.trainable
         model = nnx.merge(graphdef, params, state.frozen)
