@@ -57,9 +57,9 @@ def encode_record(example: dict[str, Any]) -> bytes:
     """``{name: str | ndarray}`` -> bytes: magic, a little-endian u32 header length, a JSON header (texts, and
     name/dtype/shape of each array), then the arrays' raw C-order bytes in header order. No pickle."""
     texts = {k: v for k, v in example.items() if isinstance(v, str)}
-    arrays = [(k, np.ascontiguousarray(v)) for k, v in example.items() if not isinstance(v, str)]
+    arrays = [(k, np.asarray(v)) for k, v in example.items() if not isinstance(v, str)]
     header = json.dumps({"texts": texts, "arrays": [[k, a.dtype.str, list(a.shape)] for k, a in arrays]}).encode()
-    return b"".join([_MAGIC, struct.pack("<I", len(header)), header] + [a.tobytes() for _, a in arrays])
+    return b"".join([_MAGIC, struct.pack("<I", len(header)), header] + [a.tobytes(order="C") for _, a in arrays])
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
     for name, dtype, shape in header["arrays"]:
         dt = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
-        out[name] = np.frombuffer(data, dt, count, at).reshape(shape)
+        out[name] = np.frombuffer(data, dt, count, at).reshape(tuple(shape))
         at += count * dt.itemsize
     return out
 
@@ -321,9 +321,7 @@ def prepare_array_record(source: str | os.PathLike, out: str | os.PathLike, *, n
         with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
             for row, clip, clip_fps, reason in pool.map(load, rows):
                 if reason is not None:
-                    rel = row["path"]
-                    log.warning("skipping video %s: %s", rel, reason)
-                    skipped.append({"file": rel, "line": row["line"], "reason": reason})
+                    skipped.append({"file": row["path"], "line": row["line"], "reason": reason})
                     continue
                 pending.append({"video": clip, "caption": row["caption"], "file": row["path"],
                                 "fps": np.float32(clip_fps), "start": np.float32(row["start"] or 0.0)})
@@ -368,7 +366,7 @@ def prepare_array_record(source: str | os.PathLike, out: str | os.PathLike, *, n
     say(f"wrote {count} clip(s) of {num_frames}x{h}x{w} in {shards} shard(s) to {out} in {took:.1f}s; "
         f"skipped {len(skipped)} video(s)")
     for s in skipped:
-        say(f"skipped {s['file']}: {s['reason']}")
+        (echo or (lambda m: log.warning("%s", m)))(f"skipped {s['file']} (line {s['line']}): {s['reason']}")
     return spec
 
 
