@@ -491,6 +491,11 @@ def _add_prepare_parser(sub) -> None:
     p.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead of --stride")
     p.add_argument("--workers", type=int, default=None, help="videos decoded at once (default: cores, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--encode", default=None, metavar="PIPELINE",
+                   help="also store the VAE latents and text embeddings of this Stable Diffusion pipeline (folder, "
+                        "single file or hub id), for objective.encode_in_step=false with model.pretrained=PIPELINE")
+    p.add_argument("--encode-batch", type=int, default=8, help="clips per encoder call with --encode")
+    p.add_argument("--allow-pickle", action="store_true", help="allow a pickled --encode checkpoint")
 
 
 def _parse_resolution(text: str) -> tuple[int, int]:
@@ -511,10 +516,16 @@ def _parse_resolution(text: str) -> tuple[int, int]:
 def _cmd_prepare(args) -> int:
     from vldm_jax.data.array_record import prepare_array_record
 
+    encoder = info = None
+    if args.encode:
+        from vldm_jax.train.cached_features import pipeline_encoder
+
+        encoder, info = pipeline_encoder(args.encode, batch_size=args.encode_batch, allow_pickle=args.allow_pickle)
     spec = prepare_array_record(args.source, args.out, num_frames=args.frames,
                                 resolution=_parse_resolution(args.resolution), shards=args.shards,
                                 frame_stride=args.stride, fps=args.fps, workers=args.workers,
-                                overwrite=args.overwrite, echo=lambda m: print(m, file=sys.stderr, flush=True))
+                                overwrite=args.overwrite, encoder=encoder, encode_batch=args.encode_batch,
+                                encoded_info=info, echo=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{spec['num_examples']} clips, {spec['num_skipped']} skipped: train with --data {args.out}")
     return 0
 

@@ -163,3 +163,42 @@ print(type(it).__name__, batch["video"].shape, "tensorflow" in sys.modules)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[-2] == "GrainIterator (3, 4, 16, 16, 3) False", proc.stdout
+
+
+def test_encode_caches_vae_latents_and_text_embeddings_like_diffusers(tmp_path, prepared):
+    """``prepare --encode``: latents and text embeddings stored with each clip match diffusers/transformers run on
+    the stored frames and captions (a tiny random SD folder saved with save_pretrained)."""
+    torch = pytest.importorskip("torch")
+    from transformers import CLIPTokenizer
+
+    from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder
+    from vldm_jax.train.cached_features import pipeline_encoder
+
+    root = prepared[0]
+    folder = make_tiny_sd_pipeline_folder(tmp_path)
+    (tmp_path / "few.csv").write_text("".join(f'{root}/videos/clip{i}.mp4,"clip {i}, a bar"\n' for i in range(3)))
+    encoder, info = pipeline_encoder(folder, batch_size=2)
+    spec = prepare_array_record(tmp_path / "few.csv", tmp_path / "out", num_frames=2, resolution=16, encoder=encoder,
+                                encode_batch=2, encoded_info=info, echo=lambda m: None)
+    assert spec["encoded"]["scaling_factor"] == pytest.approx(0.18215)
+    assert spec["features"]["latents"]["shape"] == [2, 8, 8, 4]
+    records = list(iter_records(tmp_path / "out"))
+    assert len(records) == 3
+
+    import diffusers
+    from transformers import CLIPTextModel
+
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    with torch.no_grad():
+        for rec in records:
+            x = torch.from_numpy(rec["video"].astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+            ref = (vae.encode(x).latent_dist.mode() * 0.18215).permute(0, 2, 3, 1).numpy()
+            assert np.abs(rec["latents"] - ref).max() < 1e-4
+            ids = tok([rec["caption"]], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            ctx = text(ids.input_ids).last_hidden_state[0].numpy()
+            assert np.abs(rec["encoder_hidden_states"] - ctx).max() < 1e-4
+
+    batch = next(GrainIterator(tmp_path / "out", batch_size=3, num_processes=1, process_index=0))
+    assert batch["latents"].shape == (3, 2, 8, 8, 4) and batch["encoder_hidden_states"].shape == (3, 77, 128)
