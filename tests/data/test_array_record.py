@@ -165,6 +165,7 @@ print(type(it).__name__, batch["video"].shape, "tensorflow" in sys.modules)
     assert proc.stdout.split("\n")[-2] == "GrainIterator (3, 4, 16, 16, 3) False", proc.stdout
 
 
+@pytest.mark.slow
 def test_encode_caches_vae_latents_and_text_embeddings_like_diffusers(tmp_path, prepared):
     """``prepare --encode``: latents and text embeddings stored with each clip match diffusers/transformers run on
     the stored frames and captions (a tiny random SD folder saved with save_pretrained)."""

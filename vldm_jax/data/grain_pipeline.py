@@ -66,7 +66,9 @@ class GrainIterator:
     --encode``). ``state()`` / ``restore()`` as the trainer's data protocol (see :mod:`vldm_jax.train.loop`).
 
     Args:
-      folder: the prepared folder (``spec.json`` + shards), local or ``gs://``.
+      folder: the prepared folder (``spec.json`` + shards). ``spec.json`` is read through ``etils.epath``; the
+        shards are opened by array_record's reader (local paths or a mounted bucket; ``gs://`` only where
+        array_record's build reads GCS).
       batch_size: examples per batch on this host.
       seed: the shuffle and window seed.
       shuffle: False reads in storage order (evaluation).
