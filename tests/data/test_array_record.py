@@ -131,6 +131,9 @@ def test_hosts_split_each_global_batch_and_resume_exactly(prepared):
     assert [b["caption"] for b in first + rest] == stream
     for a, b in zip(rest, again):
         assert a["caption"] == b["caption"] and np.array_equal(a["video"], b["video"])
+    # One global stream: the same position on two hosts (same global batch) continues it, split between them.
+    halves = [GrainIterator(out, batch_size=1, seed=3, num_processes=2, process_index=p, state=state) for p in (0, 1)]
+    assert [a + b for a, b in zip(*(_captions(h, 4) for h in halves))] == [b["caption"] for b in rest]
     assert first[0]["video"].dtype == np.uint8 and first[0]["video"].shape == (2, 4, 16, 16, 3)
     assert first[0]["image_only_indicator"].shape == (2, 4) and not first[0]["image_only_indicator"].any()
 

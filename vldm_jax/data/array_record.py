@@ -246,6 +246,20 @@ def read_clip(path: str, *, num_frames: int, height: int, width: int, start: flo
 
 # ---------------------------------------------------------------------------------------------- writing
 
+def _ordered(pool, fn, items, *, ahead: int):
+    """``fn(item)`` for each item in order, at most ``ahead`` running or done-but-unread (bounded memory: a
+    slow video does not let the others pile up decoded)."""
+    import collections
+
+    queue: collections.deque = collections.deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= ahead:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
+
+
 def _writer(path: str):
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -319,7 +333,7 @@ def prepare_array_record(source: str | os.PathLike, out: str | os.PathLike, *, n
 
         n_workers = workers or max(1, min(8, os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
-            for row, clip, clip_fps, reason in pool.map(load, rows):
+            for row, clip, clip_fps, reason in _ordered(pool, load, rows, ahead=4 * n_workers):
                 if reason is not None:
                     skipped.append({"file": row["path"], "line": row["line"], "reason": reason})
                     continue

@@ -135,15 +135,15 @@ class GrainIterator:
         return {"version": _STATE_VERSION, "batches": int(self.batches), "grain": {"next_index": int(self.batches)},
                 "epoch": int(self.batches // self.steps_per_epoch), "seed": self.seed,
                 "batch_size": self.batch_size, "num_processes": self.num_processes,
-                "num_examples": self.num_examples}
+                "global_batch": self.global_batch, "num_examples": self.num_examples}
 
     def restore(self, state: dict) -> None:
         try:
             batches = int(state["batches"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"not a grain data iterator state: {state!r}") from None
-        changed = [f"{k} {state[k]} -> {v}" for k, v in (("seed", self.seed), ("batch_size", self.batch_size),
-                                                         ("num_processes", self.num_processes),
+        # The stream is global: another host count with the same global batch continues the same order.
+        changed = [f"{k} {state[k]} -> {v}" for k, v in (("seed", self.seed), ("global_batch", self.global_batch),
                                                          ("num_examples", self.num_examples))
                    if k in state and state[k] != v]
         if changed:
