@@ -142,13 +142,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a Video LDM stage from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--data", default=None,
-                   help="training data: a folder of videos, moving_shapes:N, or a prepared TFDS folder (data.path)")
+                   help="training data: a folder of videos, moving_shapes:N, a prepared TFDS folder, or a "
+                        "`vldm prepare` array_record folder (data.path)")
     p.add_argument("--workdir", default=None,
                    help="checkpoints, logs and samples; an existing workdir resumes (default: train.workdir or "
                         "runs/<config name>)")
     p.add_argument("--steps", type=int, default=None, help="total training steps (train.steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.learning_rate=1e-4 (repeatable)")
+
+    _add_prepare_parser(sub)
 
     p = sub.add_parser("benchmark", help="time vldm_jax against diffusers/PyTorch on the same weights (scripts/benchmark.py)")
     p.add_argument("--size", nargs="+", choices=("tiny", "medium", "full"), default=["tiny", "medium"],
@@ -469,10 +472,64 @@ def _cmd_train(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- prepare
+
+def _add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="decode a WebVid-style video list (CSV/JSONL: path, caption[, start, end]) "
+                                       "once into sharded array_record files for training (data.path=OUT)")
+    p.add_argument("source", help="CSV or JSONL list of clips: path, caption[, start, end] (seconds); local or gs://")
+    p.add_argument("--out", required=True, help="output folder (shards + spec.json); local or gs://")
+    p.add_argument("--frames", type=int, required=True, help="frames per clip")
+    p.add_argument("--resolution", required=True, metavar="HxW", help="training resolution, e.g. 256x256 (or 256)")
+    p.add_argument("--shards", type=int, default=None, help="array_record files (default: one per 1024 clips)")
+    p.add_argument("--stride", type=int, default=1, help="take every N-th source frame (default 1)")
+    p.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead of --stride")
+    p.add_argument("--workers", type=int, default=None, help="videos decoded at once (default: cores, at most 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--encode", default=None, metavar="PIPELINE",
+                   help="also store the VAE latents and text embeddings of this Stable Diffusion pipeline (folder, "
+                        "single file or hub id), for objective.encode_in_step=false with model.pretrained=PIPELINE")
+    p.add_argument("--encode-batch", type=int, default=8, help="clips per encoder call with --encode")
+    p.add_argument("--allow-pickle", action="store_true", help="allow a pickled --encode checkpoint")
+
+
+def _parse_resolution(text: str) -> tuple[int, int]:
+    from vldm_jax.errors import UserError
+
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise UserError(f"--resolution {text!r} is not HxW (e.g. 256x256) or a single size")
+    return sizes[0], sizes[1]
+
+
+def _cmd_prepare(args) -> int:
+    from vldm_jax.data.array_record import prepare_array_record
+
+    encoder = info = None
+    if args.encode:
+        from vldm_jax.train.cached_features import pipeline_encoder
+
+        encoder, info = pipeline_encoder(args.encode, batch_size=args.encode_batch, allow_pickle=args.allow_pickle)
+    spec = prepare_array_record(args.source, args.out, num_frames=args.frames,
+                                resolution=_parse_resolution(args.resolution), shards=args.shards,
+                                frame_stride=args.stride, fps=args.fps, workers=args.workers,
+                                overwrite=args.overwrite, encoder=encoder, encode_batch=args.encode_batch,
+                                encoded_info=info, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"{spec['num_examples']} clips, {spec['num_skipped']} skipped: train with --data {args.out}")
+    return 0
+
+
 COMMANDS = {"txt2img": _cmd_txt2img, "generate": _cmd_generate, "interpolate": _cmd_interpolate,
             "animate": _cmd_animate, "convert": _cmd_convert, "train": _cmd_train,
             "benchmark": _cmd_benchmark}
 COMMANDS["upscale"] = _cmd_upscale
+COMMANDS["prepare"] = _cmd_prepare
 
 
 # Commands whose compiled programs are worth keeping between runs (persistent compilation cache).

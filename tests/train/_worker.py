@@ -3,6 +3,8 @@
     python tests/train/_worker.py sharded                       # with 8 host devices: layouts vs one device
     python tests/train/_worker.py distributed_train PORT PID NPROC WORKDIR STEPS  # one of a jax.distributed group
     python tests/train/_worker.py run WORKDIR STEPS [KILL_AT]   # train; SIGKILL itself right after step KILL_AT
+    python tests/train/_worker.py grain_train PORT PID NPROC WORKDIR STEPS DATA [KILL_AT]  # from a prepared
+        array_record folder (vldm prepare) through the config's data path; SIGKILL itself after step KILL_AT
 
 Each prints one JSON line starting with ``RESULT `` on stdout.
 """
@@ -26,7 +28,7 @@ if os.environ.get("VLDM_TEST_FAST_PRNG", "1") == "1":
 
 import numpy as np  # noqa: E402
 
-from tests.train.tiny import tiny_arrays, tiny_config, tiny_data, tiny_setup  # noqa: E402
+from tests.train.tiny import tiny_arrays, tiny_config, tiny_data, tiny_encoding_setup, tiny_setup  # noqa: E402
 from vldm_jax.parallel import mesh as meshlib
 from vldm_jax.train import loop, state as statelib  # noqa: E402
 
@@ -80,6 +82,25 @@ def distributed_train(port: int, pid: int, nproc: int, workdir: str, steps: int)
             "losses": {m["step"]: m["loss"] for m in res.metrics}})
 
 
+def grain_train(port: int, pid: int, nproc: int, workdir: str, steps: int, data: str, kill_at: int | None) -> None:
+    """A jax.distributed run whose batches come from ``data.path`` (a prepared array_record folder, read by grain
+    through the trainer's own make_data_iterator), frames encoded in the step by a tiny VAE and text encoder."""
+    config = tiny_config(**{"train.steps": steps, "train.checkpoint_every": 2, "mesh.data": 2, "mesh.fsdp": -1,
+                            "mesh.coordinator_address": f"localhost:{port}", "mesh.num_processes": nproc,
+                            "mesh.process_id": pid, "mesh.distributed": "true", "data.path": data,
+                            "data.batch_size_per_device": 1, "data.num_frames": 4, "data.height": 16,
+                            "data.width": 16, "objective.encode_in_step": "true"})
+    meshlib.initialize_distributed("true", f"localhost:{port}", nproc, pid)
+
+    def hook(step, state):
+        if kill_at is not None and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    res = loop.train(config, setup=tiny_encoding_setup(config), workdir=workdir, hooks=[hook])
+    result({"pid": pid, "start": res.start_step, "step": res.step, "resumed": res.resumed,
+            "losses": {m["step"]: m["loss"] for m in res.metrics}, "tensorflow": "tensorflow" in sys.modules})
+
+
 def run(workdir: str, steps: int, kill_at: int | None) -> None:
     config = tiny_config(**{"train.steps": steps, "train.checkpoint_every": 2})
 
@@ -105,6 +126,9 @@ if __name__ == "__main__":
         sharded()
     elif mode == "distributed_train":
         distributed_train(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
+    elif mode == "grain_train":
+        grain_train(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), sys.argv[7],
+                    int(sys.argv[8]) if len(sys.argv) > 8 else None)
     elif mode == "run":
         run(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else None)
     else:

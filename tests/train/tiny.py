@@ -86,3 +86,29 @@ def tiny_arrays(n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
 def tiny_data(batch_size: int, process_index: int = 0, process_count: int = 1, n: int = 16) -> ArrayBatches:
     return ArrayBatches(tiny_arrays(n), batch_size, seed=0, process_index=process_index,
                         process_count=process_count)
+
+
+def tiny_encoding_setup(config, seed: int = 0) -> Setup:
+    """The tiny denoiser trained from frames: a one-block random VAE (no downsampling: latents at the frames' size)
+    and a one-layer CLIP text encoder (D wide, the bundled tokenizer) run inside the step
+    (``objective.encode_in_step``), as when training from a folder of videos."""
+    from vldm_jax.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+    from vldm_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from vldm_jax.models.tokenizer import load_tokenizer
+    from vldm_jax.train.objectives import make_temporal_objective
+
+    vae_config = AutoencoderKLConfig(block_out_channels=(8,), norm_num_groups=4, latent_channels=C,
+                                     mid_block_add_attention=False)
+    text_config = CLIPTextConfig.from_dict({"vocab_size": 49408, "hidden_size": D, "intermediate_size": 2 * D,
+                                            "num_attention_heads": 2, "num_hidden_layers": 1,
+                                            "max_position_embeddings": 77, "projection_dim": D})
+    tokenizer = load_tokenizer(None)
+    scheduler = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    objective = make_temporal_objective(config.objective, scheduler, vae_config=vae_config, tokenizer=tokenizer)
+
+    def init_models():
+        rngs = nnx.Rngs(seed)
+        return VideoModels(TinyVideoDenoiser(rngs=rngs), AutoencoderKL(vae_config, rngs=rngs),
+                           CLIPTextModel(text_config, rngs=rngs))
+
+    return Setup(objective=objective, init_models=init_models)

@@ -38,7 +38,20 @@ How the trainer gets batches::
 - Several hosts: each host may build into its own local ``data_dir`` (the build is
   deterministic), or process 0 builds into a shared one before the others open it.
 
-Modules: ``video_folder`` (``VideoFolder`` builder, ``prepare_video_folder``), ``moving_shapes``
+Without TensorFlow (a WebVid-style list, decoded once; grain reads it on every host)::
+
+    vldm prepare clips.csv --out gs://bucket/webvid_16x256 --frames 16 --resolution 256x256 --shards 64
+    # clips.csv: path,caption[,start,end]  (or a .jsonl of {"path", "caption", "start", "end"})
+
+    from vldm_jax.data.grain_pipeline import GrainIterator      # what data.path=<that folder> selects
+    it = GrainIterator(folder, batch_size=per_host_batch, seed=cfg.seed)
+    # batch["video"] uint8 (B, F, H, W, 3); "image_only_indicator", "caption" as above; state()/restore() too
+
+Each host reads its own slice of every global batch of one seeded stream (reshuffled each epoch); the position
+is the count of batches, so restore is exact. Skipped videos are counted in the folder's ``spec.json``.
+
+Modules: ``array_record`` (``prepare_array_record``, the record format, ``spec.json``), ``grain_pipeline``
+(``GrainIterator``), ``frames`` (numpy frame helpers), ``video_folder`` (``VideoFolder`` builder, ``prepare_video_folder``), ``moving_shapes``
 (``render_clip``, ``example``, ``MovingShapes`` builder, ``prepare_moving_shapes``),
 ``pipeline`` (``DataIterator``, ``prepare_dataset``).
 """

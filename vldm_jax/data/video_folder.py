@@ -33,6 +33,8 @@ import numpy as np
 
 from vldm_jax.data import default_data_dir  # noqa: F401 - re-exported
 from vldm_jax.data._tf import download_and_prepare, tfds
+from vldm_jax.data.frames import fps_from_meta as _fps_from_meta, rgb as _rgb
+from vldm_jax.data.frames import resize_center_crop  # noqa: F401 - re-exported
 from vldm_jax.errors import UserError
 
 log = logging.getLogger("vldm_jax.data")
@@ -90,41 +92,6 @@ def _fingerprint(root: Path, videos: list[Path]) -> str:
             st = path.stat()
             h.update(f"{path.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]
-
-
-def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``(h, w, 3)`` uint8 -> ``(height, width, 3)``: scale so the frame covers the target, crop the centre."""
-    from PIL import Image
-
-    h, w = frame.shape[:2]
-    if (h, w) == (height, width):
-        return frame
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    # Pillow filters over the whole footprint when shrinking, so this is antialiased.
-    img = Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return np.asarray(img)[top:top + height, left:left + width]
-
-
-def _rgb(frame: np.ndarray) -> np.ndarray:
-    frame = np.asarray(frame)
-    if frame.ndim == 2:
-        frame = np.repeat(frame[..., None], 3, axis=-1)
-    if frame.shape[-1] == 1:
-        frame = np.repeat(frame, 3, axis=-1)
-    if frame.dtype != np.uint8:
-        frame = np.clip(frame, 0, 255).astype(np.uint8)
-    return frame[..., :3]
-
-
-def _fps_from_meta(meta: dict, suffix: str) -> float:
-    # ffmpeg reports fps; GIFs store a per-frame duration in milliseconds instead.
-    if meta.get("fps"):
-        return float(meta["fps"])
-    if meta.get("duration") and suffix == ".gif":
-        return 1000.0 / float(meta["duration"])
-    return 8.0
 
 
 def clip_stride(fps: float, *, frame_stride: int = 1, target_fps: float | None = None) -> int:

@@ -53,7 +53,9 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfig:
     """Where batches come from (see :mod:`vldm_jax.data`). ``path`` (``--data``): a folder of videos,
-    ``moving_shapes`` / ``moving_shapes:N``, or a prepared TFDS dataset folder. The global batch is
+    ``moving_shapes`` / ``moving_shapes:N``, a prepared TFDS dataset folder, or a ``vldm prepare`` array_record
+    folder (it holds ``spec.json``; read by grain, no TensorFlow; ``height``/``width`` must match what it stores,
+    ``num_frames`` may be fewer). The global batch is
     ``batch_size_per_device`` times the device count, so a config runs unchanged on any number of devices."""
 
     path: str | None = None

@@ -624,11 +624,18 @@ def make_data_iterator(config: Config, mesh, workdir: Path, echo: Callable[[str]
     (process 0 first; the others then open the same build), and this process reads its own slice."""
     d = config.data
     if not d.path:
-        raise ConfigError("no training data: pass --data (a folder of videos, moving_shapes:N, or a prepared "
-                          "TFDS dataset folder) or set data.path")
+        raise ConfigError("no training data: pass --data (a folder of videos, moving_shapes:N, a prepared "
+                          "TFDS dataset folder or a `vldm prepare` array_record folder) or set data.path")
     resolution = (d.height, d.width)
     if d.in_memory:
         return _in_memory_shapes(config, mesh, echo)
+    from vldm_jax.data.array_record import is_prepared
+
+    if is_prepared(d.path):  # a `vldm prepare` folder: grain reads it on every host, no TensorFlow
+        from vldm_jax.data.grain_pipeline import GrainIterator
+
+        return GrainIterator(d.path, batch_size=meshlib.local_batch_size(d.batch_size_per_device, mesh), seed=d.seed,
+                             shuffle=d.shuffle, num_frames=d.num_frames, resolution=(d.height, d.width))
     from vldm_jax.data import DataIterator as TFDSIterator
     from vldm_jax.data import default_data_dir, prepare_dataset
 
