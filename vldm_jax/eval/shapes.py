@@ -53,7 +53,8 @@ class JudgeSettings:
     min_r2: float = 0.8
     max_flicker: float = 0.25
     max_straightness: float = 0.5
-    max_seam_jump: float = 2.0      # pixels: the smallest jump at a rollout seam that counts as one
+    max_seam_jump: float = 2.0      # pixels: a seam's displacement may differ this much from the typical one
+    seam_tolerance: float = 0.75    # ... or this fraction of the typical displacement, whichever is larger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +258,8 @@ def judge(video, prompt: str | None = None, *, color: str | None = None, shape: 
 
     The motion is judged over the whole track (R² of one line through every frame's centroid). ``seams``: frames
     where a rollout window starts (``seam_span``: see :func:`seam_jump`); the video is then also required to have
-    no jump there: the displacement into every seam within ``max(settings.max_seam_jump, typical step)`` pixels of
-    the median displacement (``seam_jump`` and ``seams_ok`` report it).
+    no jump there: the displacement into every seam within ``max(max_seam_jump, seam_tolerance x typical step)``
+    pixels of the median displacement, so neither a leap nor a stop (``seam_jump`` and ``seams_ok`` report it).
 
     An image (or a one-frame video) is judged on colour and shape only; its motion fields are NaN / None.
     """
@@ -324,7 +325,7 @@ def judge(video, prompt: str | None = None, *, color: str | None = None, shape: 
     jump, typical = seam_jump(centroids, seams, seam_span) if seams else (float("nan"), float("nan"))
     seams_ok = True
     if seams:
-        seams_ok = bool(np.isfinite(jump) and jump <= max(settings.max_seam_jump, typical))
+        seams_ok = bool(np.isfinite(jump) and jump <= max(settings.max_seam_jump, settings.seam_tolerance * typical))
         if seen and not seams_ok:
             reasons.append(f"jump at a seam ({jump:.1f} px, typical step {typical:.1f} px)")
     ok = bool(seen) and found == 1.0 and color_ok and shape_ok and direction_ok and bool(motion_ok) and seams_ok
