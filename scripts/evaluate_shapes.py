@@ -258,10 +258,19 @@ def new_rows(args, video_seeds, results: dict, timings: dict) -> None:
 
     def record(name, videos, prm, **judge_kwargs):
         results[name] = judge_many(videos, prm, **judge_kwargs)
+        print(table({name: results[name]}).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.json:  # after every row, so a long run that is stopped keeps what it measured
+            Path(args.json).write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "rows"}
+                                                   for k, v in results.items()}, indent=1, default=str))
         if save:
             slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
             np.savez_compressed(save / f"{slug}.npz", videos=to_uint8(videos), prompts=np.asarray(prm))
 
+    for setting in filter(None, args.animate_settings.split(",")):
+        t = time.perf_counter()
+        runs = [animate_drawn(pipe, prompts, s, setting, args.scheduler) for s in video_seeds]
+        record(f"animate ({setting} renderer)", np.concatenate([r[0] for r in runs]), prompts * len(video_seeds))
+        timings[f"animate {setting}"] = time.perf_counter() - t
     window = pipe.default("num_frames", 5)
     for keyframes, rollout, label in ((args.long, 1, "long"), (window, args.rollout, "rollout")):
         if not keyframes or (label == "rollout" and rollout < 2):
@@ -278,11 +287,6 @@ def new_rows(args, video_seeds, results: dict, timings: dict) -> None:
         if factor > 1:
             record(name, videos, prm, seams=[x * factor for x in seams], seam_span=factor)
         timings[label] = time.perf_counter() - t
-    for setting in filter(None, args.animate_settings.split(",")):
-        t = time.perf_counter()
-        runs = [animate_drawn(pipe, prompts, s, setting, args.scheduler) for s in video_seeds]
-        record(f"animate ({setting} renderer)", np.concatenate([r[0] for r in runs]), prompts * len(video_seeds))
-        timings[f"animate {setting}"] = time.perf_counter() - t
     if args.upscaled:
         if pipe.upsampler is None:
             print("--upscaled: this pipeline has no upsampler; row skipped", file=sys.stderr)
