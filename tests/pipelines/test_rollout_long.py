@@ -29,7 +29,8 @@ def test_rollout_continues_the_key_frames(pipe):
 
 
 @pytest.mark.parametrize("kwargs, needle", [({"rollout": 0}, "rollout"), ({"rollout": 2, "rollout_context": 3},
-                                                                         "rollout_context")])
+                                                                         "rollout_context"),
+                                             ({"upscale": True}, "no upsampler")])
 def test_bad_rollout(pipe, kwargs, needle):
     with pytest.raises(UserError, match=needle):
         pipe(PROMPT, num_inference_steps=2, **kwargs)

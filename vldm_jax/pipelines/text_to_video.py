@@ -218,6 +218,8 @@ class TextToVideoPipeline:
         if passes and num_frames < 2:
             raise UserError("interpolation needs at least 2 keyframes")
         window = self._rollout_window(rollout, rollout_context, num_frames)
+        if upscale and self.upsampler is None:  # said before sampling, not after
+            raise UserError("this pipeline has no upsampler (drop upscale)")
         height, width = self._size(height, width)
         f = self.vae_scale_factor
         shape = (len(prompts), num_frames, height // f, width // f, self.latent_channels)
@@ -285,6 +287,8 @@ class TextToVideoPipeline:
         window's context. ``mesh``: as for :meth:`__call__` (frames over ``context``)."""
         if self.predictor is None:
             raise UserError("this pipeline has no prediction model (cannot animate images)")
+        if upscale and self.upsampler is None:
+            raise UserError("this pipeline has no upsampler (drop upscale)")
         interpolate = self.default("interpolate", 1) if interpolate is None else interpolate
         frames = [image] if np.asarray(image).ndim == 3 else list(image)
         if not 1 <= len(frames) <= 2:
