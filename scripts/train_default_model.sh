@@ -27,7 +27,8 @@
 # SCALE picks the size: small (default: 64 clips, 4 steps at batch 1, a checkpoint every 2 steps: a CPU check that
 # the recipe runs end to end and resumes, not a model) or full (20000 clips, 3000 steps at batch 32: a GPU's job,
 # see docs/default_model.md "Model 6: what remains"). STEPS6, EXAMPLES6, BATCH6 override the scale's numbers;
-# MAX_SECONDS6 stops each stage by time (train.max_seconds: it then exports as at a last step);
+# MAX_SECONDS6 stops each stage by time (train.max_seconds: it then exports as at a last step); EXTRA6 adds
+# --set options to both stages;
 # BASE (default vldm_jax/assets/default_model) is the pipeline the stages start from.
 #   SCALE=small RUNS=runs/shapes6 scripts/train_default_model.sh video6 interpolation6 assemble6
 set -euo pipefail
@@ -48,6 +49,8 @@ model6=(--set data.in_memory=true --set data.path="moving_shapes:$EXAMPLES6:vari
         --set train.log_every=1 --set train.sample_every=0 --set optim.warmup_steps=$(( STEPS6 / 10 ))
         --set optim.learning_rate=5e-4 --set optim.ema_decay=0.999)
 [ -z "${MAX_SECONDS6:-}" ] || model6+=(--set train.max_seconds="$MAX_SECONDS6")
+read -r -a extra6 <<< "${EXTRA6:-}"
+model6+=("${extra6[@]}")
 
 base_as_unet() {  # base_as_unet PART DIR: a pipeline folder whose unet/ is BASE/PART (links, no copies)
     local part=$1 dir=$2 base
