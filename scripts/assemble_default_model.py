@@ -1,6 +1,8 @@
 """Assembles the bundled default Video LDM (moving shapes) from the recipe's stage outputs.
 
     python scripts/assemble_default_model.py [--runs runs/shapes] [--out vldm_jax/assets/default_model]
+    python scripts/assemble_default_model.py --base vldm_jax/assets/default_model --video RUNS/video6 \
+        --interpolation RUNS/interpolation6 --out RUNS/model6          # model 6: model 5 continued
 
 Reads the image LDM pipeline (stage 2: VAE, text encoder, image U-Net, tokenizer, scheduler), builds the
 key-frame/prediction video U-Net and the interpolation U-Net from it with the temporal configs stored in their
@@ -35,6 +37,31 @@ def video_unet(image_unet, temporal_file: Path, seed: int):
     return load_temporal_arrays(unet, str(temporal_file))
 
 
+def assemble_from_base(args) -> int:
+    """``--base``: the pipeline folder with the runs' temporal layers in place of its own (the spatial layers, VAE and
+    text encoder are the base's, which the runs trained on)."""
+    from vldm_jax.pipelines.text_to_video import TextToVideoPipeline
+    from vldm_jax.train.context_objectives import load_temporal_arrays
+
+    pipe = TextToVideoPipeline.from_pretrained(args.base)
+    same = pipe.predictor is pipe.unet
+    video = Path(args.video or Path(args.runs) / "video") / "temporal.safetensors"
+    interp = Path(args.interpolation or Path(args.runs) / "interpolation") / "temporal.safetensors"
+    if video.exists():
+        pipe.unet = load_temporal_arrays(pipe.unet, str(video))
+        print(f"key-frame/prediction temporal layers: {video}")
+    if interp.exists() and pipe.interpolator is not None:
+        pipe.interpolator = load_temporal_arrays(pipe.interpolator, str(interp))
+        print(f"interpolation temporal layers: {interp}")
+    out = TextToVideoPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config,
+                              interpolator=pipe.interpolator, predictor=pipe.unet if same else pipe.predictor,
+                              upsampler=pipe.upsampler, clip_skip=pipe.clip_skip, defaults=pipe.defaults)
+    out.save_pretrained(args.out, overwrite=True)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"wrote {args.out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/shapes")
@@ -44,7 +71,13 @@ def main(argv=None) -> int:
                    help="the image LDM pipeline the temporal stages were trained on (default RUNS/image/export/pipeline)")
     p.add_argument("--video", default=None, help="the key-frame/prediction run (default RUNS/video)")
     p.add_argument("--interpolation", default=None, help="the interpolation run (default RUNS/interpolation)")
+    p.add_argument("--base", default=None,
+                   help="continue a Video LDM pipeline folder instead (model 6: the shipped model 5): its parts are "
+                        "kept and the temporal layers of --video / --interpolation replace its key-frame and "
+                        "interpolation U-Nets'")
     args = p.parse_args(argv)
+    if args.base:
+        return assemble_from_base(args)
     runs = Path(args.runs)
     video_run = Path(args.video) if args.video else runs / "video"
     interp_run = Path(args.interpolation) if args.interpolation else runs / "interpolation"

@@ -20,7 +20,23 @@ Rows (one per source), each judged against its prompt:
   every prompt and seed (the keyframes are frames 0, 4, 8, ... of the interpolated video: the same sample).
 - ``Video LDM animate (drawn first frame)`` (``--video``): the first frame of a rendered clip of the prompt's
   colour, shape and direction, animated by the prediction model with the prompt.
-``--json FILE`` writes the summaries (without per-item rows unless ``--rows``).
+
+New rows (issue 22), each on ``--prompts N`` of the 60 prompts (default all) and the ``--video`` model; with
+``--no-standard`` the rows above are skipped:
+
+- ``long (K key frames xF)`` (``--long K``): K key frames at once (the temporal layers convolutional in time), then
+  the pipeline's interpolation; judged over the whole track.
+- ``rollout (W windows)`` (``--rollout W``): the key-frame window, then W-1 prediction windows each continuing the
+  newest ``--rollout-context`` key frames, then interpolation; judged over the whole track and for jumps at the
+  seams (the ``seams`` column: rate of videos without one).
+- ``animate (SETTING renderer)`` (``--animate-settings varied,held_out``): first frames drawn by the renderer with
+  that setting (other sizes, positions, outlines, noise), animated.
+- ``real (SETTING renderer)`` (``--real-settings held_out``): rendered clips of that setting (the judge's check).
+- ``upscaled`` (``--upscaled``, a pipeline with an upsampler): the key frames + interpolation, upscaled, judged after
+  downscaling back (area mean); the ``sharpness`` figure is the mean gradient magnitude of the upscaled frames over
+  that of bicubic upscaling of the same 64x64 frames (> 1: sharper than bicubic).
+``--json FILE`` writes the summaries (without per-item rows unless ``--rows``). ``--save DIR`` writes each new row's
+videos (uint8 npz) so they can be judged again.
 """
 
 from __future__ import annotations
@@ -40,12 +56,12 @@ from vldm_jax.eval.shapes import judge_many
 PROMPTS = [caption_for(c, s, d) for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
 
 
-def rendered(count: int, frames: int, size: int, seed: int = 0):
+def rendered(count: int, frames: int, size: int, seed: int = 0, setting: str | None = None):
     """``count`` clips cycling through every combination: (videos uint8 (N, F, H, W, 3), prompts)."""
     videos, prompts = [], []
     for i in range(count):
         c, s, d, sp = COMBINATIONS[i % len(COMBINATIONS)]
-        clip = render_clip(c, s, d, sp, frames, size, np.random.default_rng([seed, i]))
+        clip = render_clip(c, s, d, sp, frames, size, np.random.default_rng([seed, i]), setting)
         videos.append(clip.frames)
         prompts.append(caption_for(c, s, d, sp))
     return np.stack(videos), prompts
@@ -134,6 +150,70 @@ def video_samples(folder: str | None, seed: int, steps: int | None, scheduler: s
     return videos, np.stack(animated), np.stack(firsts), factor
 
 
+def prompt_subset(count: int | None) -> list[str]:
+    """``count`` of the 60 prompts, evenly spaced (every colour, shape and direction appears for ``count >= 12``)."""
+    if not count or count >= len(PROMPTS):
+        return list(PROMPTS)
+    return [PROMPTS[int(i)] for i in np.linspace(0, len(PROMPTS), count, endpoint=False)]
+
+
+def long_samples(pipe, prompts, seed: int, keyframes: int, rollout: int = 1, rollout_context: int = 1,
+                 scheduler: str = "ddim", batch: int = 20):
+    """Text-to-video with ``keyframes`` key frames (and ``rollout`` windows), interpolated with the pipeline's
+    factor: (videos (P, F, H, W, 3) float, factor, key-frame seams)."""
+    factor = pipe.default("interpolate", 1)
+    out = []
+    for i in range(0, len(prompts), batch):
+        out.append(pipe(prompts[i:i + batch], num_frames=keyframes, scheduler=scheduler, seed=seed,
+                        interpolate=factor, rollout=rollout, rollout_context=rollout_context))
+    seams = pipe.rollout_seams(keyframes, rollout, rollout_context) if rollout > 1 else []
+    return np.concatenate(out), factor, seams
+
+
+def animate_drawn(pipe, prompts, seed: int, setting: str, scheduler: str = "ddim"):
+    """First frames drawn by the renderer with ``setting`` for each prompt, animated: (videos, first frames)."""
+    factor = pipe.default("interpolate", 1)
+    window = pipe.default("num_frames", 5)
+    size = pipe._size(None, None)[0]
+    rng = np.random.default_rng([11, seed])
+    firsts, videos = [], []
+    for prompt in prompts:
+        e = prompt.split()
+        clip = render_clip(e[1], e[2], e[4], ["slow", "fast"][int(rng.integers(2))], window, size, rng, setting)
+        firsts.append(clip.frames[0])
+        videos.append(pipe.animate(clip.frames[0], prompt, scheduler=scheduler, seed=seed, interpolate=factor))
+    return np.stack(videos), np.stack(firsts)
+
+
+def downscale(videos: np.ndarray, factor: int) -> np.ndarray:
+    """Area-mean downscaling of ``(..., H, W, 3)`` by an integer ``factor``."""
+    *lead, h, w, c = videos.shape
+    v = videos.reshape(*lead, h // factor, factor, w // factor, factor, c)
+    return v.mean(axis=(-4, -2))
+
+
+def gradient_energy(videos: np.ndarray) -> float:
+    """Mean gradient magnitude of the frames (a sharpness figure; higher is sharper)."""
+    v = np.asarray(videos, np.float64).mean(axis=-1)
+    gy, gx = np.diff(v, axis=-2)[..., :, :-1], np.diff(v, axis=-1)[..., :-1, :]
+    return float(np.mean(np.hypot(gx, gy)))
+
+
+def bicubic(videos: np.ndarray, factor: int) -> np.ndarray:
+    """Bicubic upscaling of ``(N, F, H, W, 3)`` frames in [0, 1] by ``factor`` (jax.image.resize)."""
+    import jax
+
+    n, f, h, w, c = videos.shape
+    return np.clip(np.asarray(jax.image.resize(videos.astype(np.float32), (n, f, h * factor, w * factor, c),
+                                               "cubic")), 0.0, 1.0)
+
+
+def sharpness_ratio(upscaled: np.ndarray, low: np.ndarray) -> float:
+    """Gradient energy of ``upscaled`` over that of bicubic upscaling of ``low`` (same factor)."""
+    factor = upscaled.shape[-2] // low.shape[-2]
+    return gradient_energy(upscaled) / max(gradient_energy(bicubic(low, factor)), 1e-12)
+
+
 def grid(images: np.ndarray, columns: int) -> np.ndarray:
     """``(N, H, W, 3)`` -> one image, ``columns`` wide, with a 2-pixel grey border between cells."""
     n, h, w, c = images.shape
@@ -148,6 +228,9 @@ def grid(images: np.ndarray, columns: int) -> np.ndarray:
 def table(rows: dict[str, dict]) -> str:
     head = ("| source                       |    n |  ok % | colour % | shape % | direction % | R²≥0.8 % | R² mean |\n"
             "|------------------------------|------|-------|----------|---------|-------------|----------|---------|")
+    seams = any("seams_ok" in s for s in rows.values())
+    if seams:
+        head = head.replace("R² mean |\n", "R² mean | no seam jump % |\n") + "---------------|"
     lines = [head]
     for name, s in rows.items():
         video = s.get("video", True)
@@ -158,8 +241,68 @@ def table(rows: dict[str, dict]) -> str:
         r2 = "-" if not video or not np.isfinite(s["r2_mean"]) else f"{s['r2_mean']:.2f}"
         lines.append(f"| {name:<28} | {s['n']:4d} | {pct(s['ok']):>5} | {pct(s['color']):>8} | "
                      f"{pct(s['shape']):>7} | {pct(s['direction'], video):>11} | {pct(s['r2_pass'], video):>8} | "
-                     f"{r2:>7} |")
+                     f"{r2:>7} |" + (f" {pct(s.get('seams_ok')):>13} |" if seams else ""))
     return "\n".join(lines)
+
+
+def new_rows(args, video_seeds, results: dict, timings: dict) -> None:
+    """The issue-22 rows (long, rollout, animate from other renderer settings, upscaled) into ``results``."""
+    from vldm_jax.io.video import to_uint8
+    from vldm_jax.pipelines.text_to_video import TextToVideoPipeline, default_checkpoint
+
+    pipe = TextToVideoPipeline.from_pretrained(default_checkpoint() if args.video == "default" else args.video)
+    prompts = prompt_subset(args.prompts)
+    save = Path(args.save) if args.save else None
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+
+    def record(name, videos, prm, **judge_kwargs):
+        results[name] = judge_many(videos, prm, **judge_kwargs)
+        print(table({name: results[name]}).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.json:  # after every row, so a long run that is stopped keeps what it measured
+            Path(args.json).write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "rows"}
+                                                   for k, v in results.items()}, indent=1, default=str))
+        if save:
+            slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+            np.savez_compressed(save / f"{slug}.npz", videos=to_uint8(videos), prompts=np.asarray(prm))
+
+    for setting in filter(None, args.animate_settings.split(",")):
+        t = time.perf_counter()
+        runs = [animate_drawn(pipe, prompts, s, setting, args.scheduler) for s in video_seeds]
+        record(f"animate ({setting} renderer)", np.concatenate([r[0] for r in runs]), prompts * len(video_seeds))
+        timings[f"animate {setting}"] = time.perf_counter() - t
+    window = pipe.default("num_frames", 5)
+    for keyframes, rollout, label in ((args.long, 1, "long"), (window, args.rollout, "rollout")):
+        if not keyframes or (label == "rollout" and rollout < 2):
+            continue
+        t = time.perf_counter()
+        runs = [long_samples(pipe, prompts, s, keyframes, rollout, args.rollout_context, args.scheduler)
+                for s in video_seeds]
+        factor, seams = runs[0][1], runs[0][2]
+        videos = np.concatenate([r[0] for r in runs])
+        prm = prompts * len(video_seeds)
+        name = (f"long ({keyframes} key frames x{factor})" if label == "long"
+                else f"rollout ({rollout} windows, {videos.shape[1]} frames)")
+        record(name + ", key frames", videos[:, ::factor], prm, seams=seams)
+        if factor > 1:
+            record(name, videos, prm, seams=[x * factor for x in seams], seam_span=factor)
+        timings[label] = time.perf_counter() - t
+    if args.upscaled:
+        if pipe.upsampler is None:
+            print("--upscaled: this pipeline has no upsampler; row skipped", file=sys.stderr)
+            return
+        t = time.perf_counter()
+        low, high = [], []
+        for s in video_seeds:
+            for prompt in prompts:
+                v = pipe([prompt], scheduler=args.scheduler, seed=s)
+                low.append(v[0])
+                high.append(pipe.upsampler(v[0], prompt, seed=s))
+        low, high = np.stack(low), np.stack(high)
+        factor = high.shape[2] // low.shape[2]
+        record(f"upscaled x{factor} (judged downscaled)", downscale(high, factor), prompts * len(video_seeds))
+        results[f"upscaled x{factor} (judged downscaled)"]["sharpness_vs_bicubic"] = sharpness_ratio(high, low)
+        timings["upscaled"] = time.perf_counter() - t
 
 
 def main(argv=None) -> int:
@@ -187,6 +330,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="folder for PNG grids / GIFs")
     p.add_argument("--json", help="write the summaries here")
     p.add_argument("--rows", action="store_true", help="include per-item rows in --json")
+    p.add_argument("--prompts", type=int, default=None, help="new rows: this many of the 60 prompts (evenly spaced)")
+    p.add_argument("--long", type=int, default=0, metavar="K", help="new row: K key frames at once, interpolated")
+    p.add_argument("--rollout", type=int, default=0, metavar="W", help="new row: W windows (key frames + W-1 "
+                                                                        "prediction windows), interpolated")
+    p.add_argument("--rollout-context", type=int, default=1, help="frames each rollout window continues (1 or 2)")
+    p.add_argument("--animate-settings", default="", help="new rows: animate first frames drawn with these renderer "
+                                                          "settings (comma-separated: varied,held_out)")
+    p.add_argument("--real-settings", default="", help="new rows: rendered clips of these renderer settings")
+    p.add_argument("--upscaled", action="store_true", help="new row: the pipeline's upsampler, judged downscaled")
+    p.add_argument("--no-standard", action="store_true", help="skip the standard --video rows (new rows only)")
+    p.add_argument("--save", help="write each new row's videos here (uint8 .npz)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else None
     if out:
@@ -262,7 +416,12 @@ def main(argv=None) -> int:
 
             write_video(out / "independent_red_circle_right.gif", vids[PROMPTS.index("a red circle moving right")],
                         fps=4)
-    if args.video:
+    for setting in filter(None, args.real_settings.split(",")):
+        vids, prm = rendered(max(args.real, 24), args.frames, args.size, seed=1, setting=setting)
+        results[f"real ({setting} renderer)"] = judge_many(vids, prm)
+    if args.video and (args.long or args.rollout or args.animate_settings or args.upscaled):
+        new_rows(args, video_seeds, results, timings)
+    if args.video and not args.no_standard:
         from vldm_jax.io.video import write_video
 
         t = time.perf_counter()
@@ -287,7 +446,8 @@ def main(argv=None) -> int:
 
     print(table(results))
     for name, s in results.items():
-        extra = {k: s[k] for k in ("mae", "by_attribute", "shape_confusion", "direction_confusion") if k in s}
+        extra = {k: s[k] for k in ("mae", "by_attribute", "shape_confusion", "direction_confusion",
+                                   "seam_jump_mean", "sharpness_vs_bicubic") if k in s}
         if extra:
             print(f"{name}: {json.dumps(extra)}")
     print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}", file=sys.stderr)

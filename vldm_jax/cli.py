@@ -63,6 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", action="store_true", help="run the video upsampler (x4 in space)")
     p.add_argument("--decode-chunk", type=int, default=defaults.DECODE_CHUNK, help="frames decoded at a time")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--rollout", type=int, default=1, metavar="K",
+                   help="windows in all: after the key frames, K-1 prediction windows each continue the newest "
+                        "--rollout-context key frames (longer videos; default 1: key frames only)")
+    p.add_argument("--rollout-context", type=int, default=1, help="frames each rollout window continues (1 or 2)")
 
     p = sub.add_parser("interpolate", help="insert frames between the frames of a video with a Video LDM "
                                            "interpolation model (x4 or x16)")
@@ -348,7 +352,8 @@ def _cmd_generate(args) -> int:
     videos = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
                   width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, interpolate=args.interpolate, upscale=args.upscale,
-                  decode_chunk_size=args.decode_chunk, seed=args.seed, progress=True, mesh=mesh)
+                  decode_chunk_size=args.decode_chunk, seed=args.seed, progress=True, mesh=mesh,
+                  rollout=args.rollout, rollout_context=args.rollout_context)
     for out, video in zip(outs, videos):
         _write_generated(out, video, pipe, args, t0)
     return 0

@@ -44,6 +44,74 @@ _SQUARE_HALF_SIDE = 0.886  # (2a)^2 = pi r^2
 _TRIANGLE_CIRCUMRADIUS = 1.4
 
 
+@dataclasses.dataclass(frozen=True)
+class RenderSettings:
+    """How the renderer draws a clip (issue 22). The defaults are the original renderer, bit for bit.
+
+    ``radius``: ranges of the base radius as a fraction of the shorter side, drawn from uniformly (several ranges:
+    one picked with probability proportional to its width). ``across``: ranges of the position across the motion,
+    as a fraction of the free space (0: one edge, 1: the other). ``speed_ranges``: per speed word, the fraction of
+    the free track covered over the clip as a range (None: the fixed :data:`SPEEDS`). ``outline``: probability of
+    drawing only the outline (``line_width`` px). ``noise``: the largest std of Gaussian background noise in 0-255
+    units (drawn uniformly per clip from [0, noise]; 0: none).
+    """
+
+    radius: tuple[tuple[float, float], ...] = ((0.09, 0.13),)
+    across: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
+    speed_ranges: dict | None = None
+    outline: float = 0.0
+    line_width: float = 2.0
+    noise: float = 0.0
+
+    @property
+    def is_default(self) -> bool:
+        return self == RenderSettings()
+
+
+# Sizes 8-24 px (diameter of the base circle) at 64x64: radius fraction 0.0625-0.1875. The held-out setting draws
+# the sizes and across-positions that the ``varied`` setting never draws (the middle bands), so a model trained on
+# ``varied`` meets them first at evaluation.
+_HELD_OUT_RADIUS = (0.105, 0.135)
+_HELD_OUT_ACROSS = (0.4, 0.6)
+RENDER_SETTINGS: dict[str, RenderSettings] = {
+    "default": RenderSettings(),
+    "varied": RenderSettings(radius=((0.0625, _HELD_OUT_RADIUS[0]), (_HELD_OUT_RADIUS[1], 0.1875)),
+                             across=((0.0, _HELD_OUT_ACROSS[0]), (_HELD_OUT_ACROSS[1], 1.0)),
+                             speed_ranges={"slow": (0.25, 0.5), "fast": (0.65, 0.95)},
+                             outline=0.3, noise=8.0),
+    "held_out": RenderSettings(radius=(_HELD_OUT_RADIUS,), across=(_HELD_OUT_ACROSS,),
+                               speed_ranges={"slow": (0.25, 0.5), "fast": (0.65, 0.95)},
+                               outline=0.3, noise=8.0),
+}
+
+
+def render_settings(setting: "str | RenderSettings | None") -> RenderSettings:
+    """A :class:`RenderSettings` from a name of :data:`RENDER_SETTINGS` (``None``: the default)."""
+    if setting is None:
+        return RENDER_SETTINGS["default"]
+    if isinstance(setting, RenderSettings):
+        return setting
+    if setting not in RENDER_SETTINGS:
+        from vldm_jax.errors import UserError
+
+        raise UserError(f"unknown moving-shapes renderer setting {setting!r}; choose one of "
+                        f"{', '.join(RENDER_SETTINGS)}")
+    return RENDER_SETTINGS[setting]
+
+
+def _draw_range(rng: np.random.Generator, ranges) -> float:
+    """A uniform draw from a union of ranges. One range: exactly ``rng.uniform(lo, hi)`` (the original draw)."""
+    if len(ranges) == 1:
+        return float(rng.uniform(*ranges[0]))
+    widths = np.asarray([hi - lo for lo, hi in ranges], np.float64)
+    u = float(rng.uniform(0.0, widths.sum()))
+    for (lo, hi), w in zip(ranges, widths):
+        if u <= w:
+            return lo + u
+        u -= w
+    return float(ranges[-1][1])
+
+
 class ShapeClip(NamedTuple):
     """One rendered clip.
 
@@ -103,31 +171,38 @@ def _extent(shape: str, r: float) -> float:
 
 
 def render_clip(color: str, shape: str, direction: str, speed: str, num_frames: int = 16,
-                size: int | tuple[int, int] = 64, rng: np.random.Generator | None = None) -> ShapeClip:
+                size: int | tuple[int, int] = 64, rng: np.random.Generator | None = None,
+                setting: str | RenderSettings | None = None) -> ShapeClip:
     """Renders one clip of ``shape`` in ``color`` moving in ``direction`` at ``speed``.
 
-    ``rng`` draws the object's size (radius 9-13 % of the shorter side), its position across
+    ``rng`` draws the object's size (default setting: radius 9-13 % of the shorter side), its position across
     the motion and where along its track it starts; ``None`` means ``np.random.default_rng(0)``.
+    ``setting``: a :class:`RenderSettings` or a name of :data:`RENDER_SETTINGS` (``"default"``, ``"varied"``,
+    ``"held_out"``); the default setting draws exactly the original clips.
     The path keeps the whole object (plus one pixel for the anti-aliased edge) inside the
     frame in every frame. Returns ``ShapeClip(frames (F, H, W, 3) uint8, centers (F, 2), extent)``.
     """
     _check(color, shape, direction, speed)
+    opts = render_settings(setting)
     rng = np.random.default_rng(0) if rng is None else rng
     h, w = _hw(size)
     if num_frames < 1 or min(h, w) < 8:
         from vldm_jax.errors import UserError
 
         raise UserError(f"moving shapes need at least 1 frame and 8x8 pixels, got {num_frames} frames at {h}x{w}")
-    r = float(rng.uniform(0.09, 0.13)) * min(h, w)
+    r = _draw_range(rng, opts.radius) * min(h, w)
     extent = float(_extent(shape, r))
     margin = extent + 1.0  # one pixel for the anti-aliased edge
     dx, dy = DIRECTIONS[direction]
     along = w if dx else h
     across = h if dx else w
     track = along - 2.0 * margin
-    travel = SPEEDS[speed] * track
+    travel = (SPEEDS[speed] if opts.speed_ranges is None else float(rng.uniform(*opts.speed_ranges[speed]))) * track
     start = margin + float(rng.uniform(0.0, track - travel))
-    offset = float(rng.uniform(margin, across - margin))
+    if opts.across == ((0.0, 1.0),):
+        offset = float(rng.uniform(margin, across - margin))  # the original draw
+    else:
+        offset = margin + _draw_range(rng, opts.across) * (across - 2.0 * margin)
     t = np.arange(num_frames, dtype=np.float64) / max(num_frames - 1, 1)
     pos = start + travel * t  # along the motion, in the positive direction
     if dx < 0 or dy < 0:
@@ -137,8 +212,20 @@ def render_clip(color: str, shape: str, direction: str, speed: str, num_frames: 
 
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     sd = _signed_distance(shape, gx[None] - xs[:, None, None], gy[None] - ys[:, None, None], r)
-    coverage = np.clip(0.5 - sd, 0.0, 1.0)
-    frames = np.rint(coverage[..., None] * np.asarray(COLORS[color], np.float64)).astype(np.uint8)
+    if opts.is_default:
+        coverage = np.clip(0.5 - sd, 0.0, 1.0)
+        frames = np.rint(coverage[..., None] * np.asarray(COLORS[color], np.float64)).astype(np.uint8)
+        return ShapeClip(frames, centers.astype(np.float32), extent)
+    outline = bool(rng.uniform() < opts.outline)
+    if outline:  # a band of line_width pixels just inside the edge
+        coverage = np.clip(0.5 - np.abs(sd + opts.line_width / 2) + opts.line_width / 2, 0.0, 1.0)
+    else:
+        coverage = np.clip(0.5 - sd, 0.0, 1.0)
+    pixels = coverage[..., None] * np.asarray(COLORS[color], np.float64)
+    sigma = float(rng.uniform(0.0, opts.noise)) if opts.noise > 0 else 0.0
+    if sigma > 0:
+        pixels = pixels + sigma * rng.standard_normal(pixels.shape)
+    frames = np.rint(np.clip(pixels, 0.0, 255.0)).astype(np.uint8)
     return ShapeClip(frames, centers.astype(np.float32), extent)
 
 
@@ -146,17 +233,19 @@ COMBINATIONS: tuple[tuple[str, str, str, str], ...] = tuple(itertools.product(CO
 
 
 def example(index: int, *, seed: int = 0, num_frames: int = 16, size: int | tuple[int, int] = 64,
-            speed_in_caption: bool = False) -> dict:
+            speed_in_caption: bool = False, setting: str | RenderSettings | None = None) -> dict:
     """Example ``index`` of the dataset with ``seed``, as numpy (no TF).
 
     Attributes cycle through all colour x shape x direction x speed combinations in a
     seed-dependent order, so any run of ``len(COMBINATIONS)`` consecutive examples is balanced.
+    ``setting``: the renderer setting (see :func:`render_clip`).
     Returns ``{"video": (F, H, W, 3) uint8, "caption": str, "color", "shape", "direction",
     "speed": str, "centers": (F, 2) float32, "extent": float32}``.
     """
     order = np.random.default_rng([seed, 0x5EED]).permutation(len(COMBINATIONS))
     color, shape, direction, speed = COMBINATIONS[order[index % len(COMBINATIONS)]]
-    clip = render_clip(color, shape, direction, speed, num_frames, size, np.random.default_rng([seed, 1, index]))
+    clip = render_clip(color, shape, direction, speed, num_frames, size, np.random.default_rng([seed, 1, index]),
+                       setting)
     return {
         "video": clip.frames,
         "caption": caption_for(color, shape, direction, speed if speed_in_caption else None),
@@ -166,30 +255,48 @@ def example(index: int, *, seed: int = 0, num_frames: int = 16, size: int | tupl
 
 
 def parse_dataset_name(text: str, default_count: int) -> int | None:
-    """The example count of a ``"moving_shapes"`` / ``"moving_shapes:N"`` dataset name (``default_count`` when no N
-    is given); None when ``text`` names something else."""
+    """The example count of a ``"moving_shapes"`` / ``"moving_shapes:N"`` / ``"moving_shapes:N:SETTING"`` dataset
+    name (``default_count`` when no N is given); None when ``text`` names something else."""
     text = os.fspath(text)
     if text != "moving_shapes" and not text.startswith("moving_shapes:"):
         return None
-    if ":" not in text:
-        return default_count
-    try:
-        return int(text.split(":", 1)[1])
-    except ValueError:
+    fields = text.split(":")
+    if len(fields) == 1 or (len(fields) == 3 and fields[1] == ""):
+        count = default_count
+    else:
+        try:
+            count = int(fields[1])
+        except ValueError:
+            count = None
+    if count is None or len(fields) > 3:
         from vldm_jax.errors import UserError
 
-        raise UserError(f"bad dataset {text!r}: write moving_shapes:N with N a number of examples") from None
+        raise UserError(f"bad dataset {text!r}: write moving_shapes:N or moving_shapes:N:SETTING with N a number "
+                        f"of examples and SETTING one of {', '.join(RENDER_SETTINGS)}")
+    if len(fields) == 3:
+        render_settings(fields[2])  # checks the name
+    return count
+
+
+def parse_dataset_setting(text: str) -> str:
+    """The renderer setting of a ``"moving_shapes:N:SETTING"`` dataset name (``"default"`` without one)."""
+    fields = os.fspath(text).split(":")
+    if fields[0] != "moving_shapes" or len(fields) < 3:
+        return "default"
+    render_settings(fields[2])
+    return fields[2]
 
 
 def _render_range(args) -> tuple[np.ndarray, list[str]]:
-    start, stop, seed, num_frames, size, speed_in_caption = args
-    items = [example(i, seed=seed, num_frames=num_frames, size=size, speed_in_caption=speed_in_caption)
-             for i in range(start, stop)]
+    start, stop, seed, num_frames, size, speed_in_caption, setting = args
+    items = [example(i, seed=seed, num_frames=num_frames, size=size, speed_in_caption=speed_in_caption,
+                     setting=setting) for i in range(start, stop)]
     return np.stack([e["video"] for e in items]), [e["caption"] for e in items]
 
 
 def render_arrays(num_examples: int, *, seed: int = 0, num_frames: int = 16, size: int | tuple[int, int] = 64,
-                  speed_in_caption: bool = False, workers: int | None = None) -> dict[str, np.ndarray]:
+                  speed_in_caption: bool = False, workers: int | None = None,
+                  setting: str | None = None) -> dict[str, np.ndarray]:
     """The first ``num_examples`` examples of the dataset with ``seed``, rendered into memory with numpy
     (the same clips as the TFDS build of those options): ``{"video": (N, F, H, W, 3) uint8, "caption": (N,) str}``.
 
@@ -203,7 +310,7 @@ def render_arrays(num_examples: int, *, seed: int = 0, num_frames: int = 16, siz
     h, w = _hw(size)
     workers = min(os.cpu_count() or 1, 16) if workers is None else max(1, int(workers))
     chunk = max(1, min(512, -(-num_examples // (4 * workers))))
-    jobs = [(i, min(i + chunk, num_examples), seed, num_frames, (h, w), speed_in_caption)
+    jobs = [(i, min(i + chunk, num_examples), seed, num_frames, (h, w), speed_in_caption, setting)
             for i in range(0, num_examples, chunk)]
     if workers == 1 or len(jobs) == 1:
         parts = [_render_range(j) for j in jobs]
@@ -235,6 +342,7 @@ def _builder_classes():
         width: int = 64
         seed: int = 0
         speed_in_caption: bool = False
+        setting: str = "default"
 
     class MovingShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Moving shapes: ``train`` (and ``validation`` when asked) splits of captioned clips."""
@@ -271,7 +379,7 @@ def _builder_classes():
             c = self.builder_config
             for i in range(n):
                 yield i, example(i, seed=seed, num_frames=c.num_frames, size=(c.height, c.width),
-                                 speed_in_caption=c.speed_in_caption)
+                                 speed_in_caption=c.speed_in_caption, setting=c.setting)
 
     return MovingShapesConfig, MovingShapes
 
@@ -285,14 +393,17 @@ def __getattr__(name):
 
 def moving_shapes_builder(data_dir: str | os.PathLike, *, num_examples: int = 1024, num_frames: int = 16,
                           size: int | tuple[int, int] = 64, seed: int = 0, speed_in_caption: bool = False,
-                          validation_examples: int = 0):
-    """A ``MovingShapes`` TFDS builder writing under ``data_dir`` (not yet prepared)."""
+                          validation_examples: int = 0, setting: str = "default"):
+    """A ``MovingShapes`` TFDS builder writing under ``data_dir`` (not yet prepared); ``setting``: a renderer
+    setting name of :data:`RENDER_SETTINGS`."""
     config_cls, builder_cls = _builder_classes()
+    render_settings(setting)
     h, w = _hw(size)
     name = (f"n{num_examples}_v{validation_examples}_f{num_frames}_{h}x{w}_seed{seed}"
-            + ("_speed" if speed_in_caption else ""))
+            + ("_speed" if speed_in_caption else "") + ("" if setting == "default" else f"_{setting}"))
     config = config_cls(name=name, num_examples=num_examples, validation_examples=validation_examples,
-                        num_frames=num_frames, height=h, width=w, seed=seed, speed_in_caption=speed_in_caption)
+                        num_frames=num_frames, height=h, width=w, seed=seed, speed_in_caption=speed_in_caption,
+                        setting=setting)
     return builder_cls(config=config, data_dir=os.fspath(data_dir))
 
 

@@ -290,7 +290,8 @@ def prepare_dataset(data: str | os.PathLike, data_dir: str | os.PathLike, *, num
     """Turns what a user names as ``--data`` into a prepared TFDS builder (built offline under ``data_dir``).
 
     ``data`` is one of:
-      - ``"moving_shapes"`` or ``"moving_shapes:N"``: the procedural dataset with N examples
+      - ``"moving_shapes"``, ``"moving_shapes:N"`` or ``"moving_shapes:N:SETTING"``: the procedural dataset with N
+        examples (SETTING: a renderer setting, ``varied`` or ``held_out``; default the original clips)
         (default ``num_examples``) of ``num_frames`` frames at ``resolution`` (square), from ``seed``;
       - a prepared TFDS dataset version folder (it holds ``dataset_info.json``): opened as is;
       - a folder of videos: cut into clips of ``num_frames`` frames every ``frame_stride`` (or at
@@ -298,14 +299,15 @@ def prepare_dataset(data: str | os.PathLike, data_dir: str | os.PathLike, *, num
         and listed in ``builder.skipped``.
     """
     text = os.fspath(data)
-    from vldm_jax.data.moving_shapes import parse_dataset_name
+    from vldm_jax.data.moving_shapes import parse_dataset_name, parse_dataset_setting
 
     count = parse_dataset_name(text, num_examples)
     if count is not None:
         from vldm_jax.data.moving_shapes import prepare_moving_shapes
 
         size = resolution if isinstance(resolution, int) else tuple(resolution)
-        return prepare_moving_shapes(data_dir, num_examples=count, num_frames=num_frames, size=size, seed=seed)
+        return prepare_moving_shapes(data_dir, num_examples=count, num_frames=num_frames, size=size, seed=seed,
+                                     setting=parse_dataset_setting(text))
     if os.path.isfile(os.path.join(text, "dataset_info.json")):
         return tfds.builder_from_directory(text)
     from vldm_jax.data.video_folder import prepare_video_folder

@@ -9,7 +9,8 @@ Judged by pixels alone, frame by frame, then over time:
   A frame whose peak is below ``min_peak`` is empty.
 - **colour**: the mean colour of the object's interior, divided by its largest channel (a dim or washed-out
   output keeps its hue), nearest of :data:`COLORS` (also divided by their max).
-- **shape** from two blur-robust cues of the soft mask. ``fill`` = area / (width x height), with area the
+- **shape** from two blur-robust cues of the soft mask (an outlined shape's holes count as covered, so it is
+  judged as the shape it outlines). ``fill`` = area / (width x height), with area the
   summed coverage and width/height the summed column/row maxima of coverage (sub-pixel, and unchanged by a
   symmetric blur of a straight edge): circle pi/4 = 0.785, square 1, triangle 0.5. ``asymmetry`` = the
   distance between the area centroid and the centre of the extent, over the extent: 1/6 for the (upward)
@@ -52,6 +53,8 @@ class JudgeSettings:
     min_r2: float = 0.8
     max_flicker: float = 0.25
     max_straightness: float = 0.5
+    max_seam_jump: float = 2.0      # pixels: a seam's displacement may differ this much from the typical one
+    seam_tolerance: float = 0.75    # ... or this fraction of the typical displacement, whichever is larger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,8 @@ class ShapeJudgement:
     motion_ok: bool
     ok: bool
     reason: str
+    seam_jump: float = float("nan")
+    seams_ok: bool = True
 
     def row(self) -> dict:
         """A JSON-able dict (no arrays)."""
@@ -172,10 +177,15 @@ def find_object(frame: np.ndarray, settings: JudgeSettings = JudgeSettings()) ->
     if sizes[main - 1] < settings.min_area:
         return None
     extra = int(np.sum(sizes >= max(settings.min_area, 0.2 * sizes[main - 1]))) - 1
-    region = ndimage.binary_dilation(labels == main, iterations=1)
+    core = labels == main
+    region = ndimage.binary_dilation(core, iterations=1)
     # Other components touching the grown region stay out of it.
     region &= (labels == 0) | (labels == main)
-    cov = np.where(region, coverage, 0.0)
+    # An outlined shape is judged as the shape it outlines: the holes of its core count as full coverage (a filled
+    # shape has none, so nothing changes for it).
+    holes = ndimage.binary_fill_holes(core) & ~core
+    cov = np.where(holes, 1.0, np.where(region, coverage, 0.0))
+    region |= holes
     area = float(cov.sum())
     h, w = cov.shape
     ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
@@ -186,7 +196,7 @@ def find_object(frame: np.ndarray, settings: JudgeSettings = JudgeSettings()) ->
     ey, ex = float(row_max @ ys / height), float(col_max @ xs / width)
     fill = area / max(height * width, 1e-6)
     asymmetry = max(abs(cy - ey) / height, abs(cx - ex) / width)
-    interior = region & (coverage > 0.75)
+    interior = region & (coverage > 0.75) & ~holes
     pix = frame[interior] if interior.any() else frame[region]
     mean = pix.mean(axis=0)
     return FrameObject(centroid=(cx, cy), area=area, fill=float(fill), asymmetry=float(asymmetry),
@@ -216,10 +226,40 @@ def _linear_fit(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------ judge
 
+def seam_jump(centroids: np.ndarray, seams: Sequence[int], span: int = 1) -> tuple[float, float]:
+    """How far the motion jumps at rollout seams: ``(jump, typical)`` in pixels.
+
+    ``centroids`` ``(F, 2)`` (NaN where no object); ``seams``: frame indices where a new window's first frame is;
+    ``span``: frames per key-frame step (the interpolation factor when judging an interpolated video). The
+    displacement ``c[s] - c[s - span]`` into each seam is compared with the median displacement over ``span``
+    frames elsewhere in the clip; ``jump`` is the largest distance between the two, ``typical`` the length of the
+    median displacement. NaN when there is no seam or an object is missing around one."""
+    c = np.asarray(centroids, np.float64)
+    seams = [int(x) for x in seams if span <= int(x) < len(c)]
+    if not seams:
+        return float("nan"), float("nan")
+    steps = c[span:] - c[:-span]  # steps[i] = c[i + span] - c[i]
+    at = set(x - span for x in seams)
+    others = np.asarray([steps[i] for i in range(len(steps)) if i not in at and np.all(np.isfinite(steps[i]))])
+    if len(others) == 0:
+        return float("nan"), float("nan")
+    typical = np.median(others, axis=0)
+    jumps = [float(np.hypot(*(steps[x - span] - typical))) for x in seams]
+    if not np.all(np.isfinite(jumps)):
+        return float("nan"), float(np.hypot(*typical))
+    return max(jumps), float(np.hypot(*typical))
+
+
 def judge(video, prompt: str | None = None, *, color: str | None = None, shape: str | None = None,
-          direction: str | None = None, settings: JudgeSettings = JudgeSettings()) -> ShapeJudgement:
+          direction: str | None = None, settings: JudgeSettings = JudgeSettings(),
+          seams: Sequence[int] = (), seam_span: int = 1) -> ShapeJudgement:
     """Judges ``video`` ``(F, H, W, 3)`` (uint8, or float in [0, 1]) or an image ``(H, W, 3)`` against a
     ``prompt`` and/or explicit ``color`` / ``shape`` / ``direction`` (explicit values win).
+
+    The motion is judged over the whole track (R² of one line through every frame's centroid). ``seams``: frames
+    where a rollout window starts (``seam_span``: see :func:`seam_jump`); the video is then also required to have
+    no jump there: the displacement into every seam within ``max(max_seam_jump, seam_tolerance x typical step)``
+    pixels of the median displacement, so neither a leap nor a stop (``seam_jump`` and ``seams_ok`` report it).
 
     An image (or a one-frame video) is judged on colour and shape only; its motion fields are NaN / None.
     """
@@ -282,28 +322,36 @@ def judge(video, prompt: str | None = None, *, color: str | None = None, shape: 
                 reasons.append(f"not straight ({straight:.2f})")
             if np.isfinite(flick) and flick > settings.max_flicker:
                 reasons.append(f"flicker {flick:.2f}")
-    ok = bool(seen) and found == 1.0 and color_ok and shape_ok and direction_ok and bool(motion_ok)
+    jump, typical = seam_jump(centroids, seams, seam_span) if seams else (float("nan"), float("nan"))
+    seams_ok = True
+    if seams:
+        seams_ok = bool(np.isfinite(jump) and jump <= max(settings.max_seam_jump, settings.seam_tolerance * typical))
+        if seen and not seams_ok:
+            reasons.append(f"jump at a seam ({jump:.1f} px, typical step {typical:.1f} px)")
+    ok = bool(seen) and found == 1.0 and color_ok and shape_ok and direction_ok and bool(motion_ok) and seams_ok
     return ShapeJudgement(num_frames=f, found=found, color=got_color, shape=got_shape, direction=got_dir,
                           r2=float(r2), straightness=float(straight), displacement=float(disp),
                           flicker=float(flick), centroids=centroids, expected=exp,
                           color_ok=bool(color_ok and seen), shape_ok=bool(shape_ok and seen),
                           direction_ok=bool(direction_ok and seen), motion_ok=bool(motion_ok and seen), ok=ok,
-                          reason="; ".join(reasons) if reasons else "ok")
+                          reason="; ".join(reasons) if reasons else "ok", seam_jump=float(jump), seams_ok=seams_ok)
 
 
 def judge_many(videos: Iterable, prompts: Sequence[str | Mapping], *,
-               settings: JudgeSettings = JudgeSettings()) -> dict:
-    """Judges each video against its prompt (a string, or a dict of ``color`` / ``shape`` / ``direction``).
+               settings: JudgeSettings = JudgeSettings(), seams: Sequence[int] = (), seam_span: int = 1) -> dict:
+    """Judges each video against its prompt (a string, or a dict of ``color`` / ``shape`` / ``direction``);
+    ``seams`` / ``seam_span``: rollout seams, the same for every video (see :func:`judge`).
 
     Returns ``{"n", "ok", "color", "shape", "direction", "motion", "r2_mean", "r2_pass", "flicker_mean",
-    "found", "direction_confusion": {expected: {got: count}}, "rows": [...]}`` with rates in [0, 1].
+    "found", "direction_confusion": {expected: {got: count}}, "rows": [...]}`` with rates in [0, 1], and with
+    seams also ``"seams_ok"`` (rate) and ``"seam_jump_mean"`` (pixels).
     """
     rows, judgements = [], []
     for video, prompt in zip(videos, prompts, strict=True):
         if isinstance(prompt, Mapping):
-            j = judge(video, None, settings=settings, **dict(prompt))
+            j = judge(video, None, settings=settings, seams=seams, seam_span=seam_span, **dict(prompt))
         else:
-            j = judge(video, prompt, settings=settings)
+            j = judge(video, prompt, settings=settings, seams=seams, seam_span=seam_span)
         judgements.append(j)
         row = j.row()
         row["prompt"] = prompt if isinstance(prompt, str) else dict(prompt)
@@ -320,7 +368,11 @@ def judge_many(videos: Iterable, prompts: Sequence[str | Mapping], *,
             bucket[str(j.direction)] = bucket.get(str(j.direction), 0) + 1
     r2s = [j.r2 for j in judgements if np.isfinite(j.r2)]
     flicks = [j.flicker for j in judgements if np.isfinite(j.flicker)]
-    return {
+    extra = {}
+    if seams:
+        jumps = [j.seam_jump for j in judgements if np.isfinite(j.seam_jump)]
+        extra = {"seams_ok": rate([j.seams_ok for j in judgements]), "seam_jump_mean": rate(jumps)}
+    return {**extra,
         "n": n,
         "ok": rate([j.ok for j in judgements]),
         "color": rate([j.color_ok for j in judgements]),

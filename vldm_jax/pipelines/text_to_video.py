@@ -170,7 +170,8 @@ class TextToVideoPipeline:
                  scheduler: str = SCHEDULER, interpolate: int | None = None, interpolation_steps: int | None = None,
                  interpolation_window: int | None = None, decode_chunk_size: int | None = DECODE_CHUNK,
                  upscale: bool = False, upscale_kwargs: dict | None = None, seed: int | Sequence[int] = 0,
-                 latents=None, progress: bool = False, return_latents: bool = False, mesh=None):
+                 latents=None, progress: bool = False, return_latents: bool = False, mesh=None,
+                 rollout: int = 1, rollout_context: int = 1):
         """Text -> video frames ``(B, F_out, H, W, 3)`` in [0, 1].
 
         ``num_frames``: keyframes sampled by the key-frame model (default: the pipeline's); with ``interpolate``
@@ -179,6 +180,10 @@ class TextToVideoPipeline:
         ``seed``: one for every prompt (a prompt then gives the same video alone or among others, with the
         deterministic samplers) or one per prompt. ``mesh``: a :func:`vldm_jax.parallel.make_mesh` mesh: prompts
         over ``data``, frames over ``context``, the decoder's chunks over ``context``.
+        ``rollout``: windows in all (1: key frames only). Windows 2..K are sampled by the prediction model, each
+        continuing the newest ``rollout_context`` (1 or 2) key frames (:func:`stages.rollout`), so K windows give
+        ``F + (K - 1)(W - rollout_context)`` key frames (``W`` the predictor's window, the pipeline's
+        ``num_frames``) before interpolation. :func:`rollout_seams` gives the key frames where each window starts.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         interpolate = self.default("interpolate") if interpolate is None else interpolate
@@ -195,6 +200,9 @@ class TextToVideoPipeline:
         passes = self._interpolation_passes(interpolate)
         if passes and num_frames < 2:
             raise UserError("interpolation needs at least 2 keyframes")
+        window = self._rollout_window(rollout, rollout_context, num_frames)
+        if upscale and self.upsampler is None:  # said before sampling, not after
+            raise UserError("this pipeline has no upsampler (drop upscale)")
         height, width = self._size(height, width)
         f = self.vae_scale_factor
         shape = (len(prompts), num_frames, height // f, width // f, self.latent_channels)
@@ -202,11 +210,17 @@ class TextToVideoPipeline:
         noise = initial_noise(latents, shape, fold_keys(keys, 0))
         text, null_text = self._texts(prompts, negative_prompt, guidance != 1.0 or interp_guidance != 1.0)
         interp_steps = steps if interpolation_steps is None else interpolation_steps
-        total = steps + passes * interp_steps
+        total = rollout * steps + passes * interp_steps
         with denoising_bar(total, progress):
             frames_latents = self._samplers["unet"](noise, text, null_text, steps=steps, scheduler=scheduler,
                                                     guidance_scale=guidance, key=jax.random.fold_in(keys[0], 1),
                                                     progress=True, mesh=mesh)
+            if rollout > 1:
+                keyframes = num_frames + (rollout - 1) * (window - rollout_context)
+                frames_latents = stages.rollout(
+                    self._samplers["predictor"], frames_latents, keyframes, window, text, null_text,
+                    num_context=rollout_context, key=fold_keys(keys, 50), steps=steps, scheduler=scheduler,
+                    guidance_scale=guidance, progress=True, mesh=mesh)
             for p in range(passes):
                 frames_latents = stages.interpolate(
                     self._samplers["interpolator"], frames_latents, text, null_text,
@@ -222,6 +236,26 @@ class TextToVideoPipeline:
                                for i, v in enumerate(frames)])
         return (frames, frames_latents) if return_latents else frames
 
+    def _rollout_window(self, rollout: int, rollout_context: int, num_frames: int) -> int:
+        """Checks ``rollout`` / ``rollout_context``; the prediction model's window (frames per call)."""
+        if rollout < 1:
+            raise UserError(f"rollout must be at least 1 window (got {rollout})")
+        if rollout == 1:
+            return num_frames
+        if self.predictor is None:
+            raise UserError("this pipeline has no prediction model (rollout must be 1)")
+        window = self.default("num_frames", getattr(self.predictor.config, "num_frames", 8))
+        if rollout_context not in (1, 2) or rollout_context >= window or rollout_context > num_frames:
+            raise UserError(f"rollout_context must be 1 or 2 and below the window of {window} frames "
+                            f"and the {num_frames} key frames (got {rollout_context})")
+        return window
+
+    def rollout_seams(self, num_frames: int | None = None, rollout: int = 1, rollout_context: int = 1) -> list[int]:
+        """The key-frame indices where rollout windows 2..K start (their first new frame), for the judge."""
+        num_frames = self.default("num_frames", 5) if num_frames is None else num_frames
+        window = self._rollout_window(rollout, rollout_context, num_frames)
+        return [num_frames + j * (window - rollout_context) for j in range(rollout - 1)]
+
     # ------------------------------------------------------------------------------------------ image -> video
     def animate(self, image, prompt: str = "", negative_prompt: str | None = None, *, num_frames: int | None = None,
                 window: int | None = None, num_context: int = 1, num_inference_steps: int | None = None,
@@ -236,6 +270,8 @@ class TextToVideoPipeline:
         window's context. ``mesh``: as for :meth:`__call__` (frames over ``context``)."""
         if self.predictor is None:
             raise UserError("this pipeline has no prediction model (cannot animate images)")
+        if upscale and self.upsampler is None:
+            raise UserError("this pipeline has no upsampler (drop upscale)")
         interpolate = self.default("interpolate") if interpolate is None else interpolate
         frames = [image] if np.asarray(image).ndim == 3 else list(image)
         if not 1 <= len(frames) <= 2:

@@ -671,12 +671,13 @@ def _in_memory_shapes(config: Config, mesh, echo: Callable[[str], None]) -> Arra
     """``data.in_memory``: the moving-shapes examples rendered with numpy into host memory (no TensorFlow), uint8
     frames (the objectives scale them on the device), shuffled per epoch; each process keeps its own slice of
     every global batch, as with the TFDS pipeline."""
-    from vldm_jax.data.moving_shapes import parse_dataset_name, render_arrays
+    from vldm_jax.data.moving_shapes import parse_dataset_name, parse_dataset_setting, render_arrays
 
     d = config.data
     count = parse_dataset_name(str(d.path), d.num_examples)
     t0 = time.perf_counter()
-    arrays = render_arrays(count, seed=d.seed, num_frames=d.num_frames, size=(d.height, d.width))
+    arrays = render_arrays(count, seed=d.seed, num_frames=d.num_frames, size=(d.height, d.width),
+                           setting=parse_dataset_setting(str(d.path)))
     arrays["image_only_indicator"] = np.zeros(arrays["video"].shape[:2], np.float32)
     echo(f"rendered {count} moving-shapes clips of {d.num_frames} frames into memory "
          f"({arrays['video'].nbytes / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f}s")
