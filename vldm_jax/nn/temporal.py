@@ -387,3 +387,83 @@ class TemporalContextEncoder(nnx.Module):
             h = jax.nn.silu(conv(h))
             features.append(proj(h))
         return tuple(features)
+
+
+# --------------------------------------------------------------------------------- AnimateDiff motion modules
+
+def sinusoidal_positions(max_seq_length: int, dim: int) -> jax.Array:
+    """``(1, max_seq_length, dim)`` float32: sin at even channels, cos at odd ones, frequencies
+    ``10000 ** (-2k / dim)`` (the frame positions AnimateDiff adds before each temporal attention)."""
+    pos = jnp.arange(max_seq_length, dtype=jnp.float32)[:, None]
+    freq = jnp.exp(jnp.arange(0, dim, 2, dtype=jnp.float32) * (-jnp.log(10000.0) / dim))
+    table = jnp.zeros((max_seq_length, dim), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(pos * freq)).at[:, 1::2].set(jnp.cos(pos * freq))
+    return table[None]
+
+
+class FramePositions(nnx.Module):
+    """The stored table of frame positions ``pe (1, max_seq_length, dim)`` (a checkpoint buffer, not trained)."""
+
+    def __init__(self, dim: int, max_seq_length: int):
+        self.pe = Buffer(sinusoidal_positions(max_seq_length, dim))
+
+    def __call__(self, num_frames: int, dtype):
+        if num_frames > self.pe.shape[1]:
+            raise ConfigError(f"{num_frames} frames exceed the motion module's window of {self.pe.shape[1]} "
+                              "(motion_max_seq_length); use context windows (FreeNoise) for longer videos")
+        return self.pe[...][:, :num_frames].astype(dtype)
+
+
+class MotionTransformerBlock(nnx.Module):
+    """One block of an AnimateDiff temporal transformer on frame sequences ``(N, F, C)``: two self-attentions
+    across frames (diffusers' ``double_self_attention``), each fed its LayerNorm'd input plus the sinusoidal
+    frame positions, then a GEGLU feed-forward; every branch residual. No cross-attention: the text reaches
+    motion only through the spatial layers."""
+
+    def __init__(self, dim: int, heads: int, max_seq_length: int, *, upcast_attention: bool = False,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        attn = dict(heads=heads, dim_head=dim // heads, upcast_attention=upcast_attention, rngs=rngs, dtype=dtype)
+        self.norm1 = LayerNorm(dim, rngs=rngs)
+        self.attn1 = Attention(dim, **attn)
+        self.norm2 = LayerNorm(dim, rngs=rngs)
+        self.attn2 = Attention(dim, **attn)
+        self.norm3 = LayerNorm(dim, rngs=rngs)
+        self.ff = FeedForward(dim, activation_fn="geglu", rngs=rngs, dtype=dtype)
+        self.pos_embed = FramePositions(dim, max_seq_length)
+
+    def __call__(self, x):
+        pos = self.pos_embed(x.shape[1], x.dtype)
+        x = x + self.attn1(self.norm1(x) + pos)
+        x = x + self.attn2(self.norm2(x) + pos)
+        return x + self.ff(self.norm3(x))
+
+
+class MotionModule(nnx.Module):
+    """An AnimateDiff motion module (diffusers ``AnimateDiffTransformer3D``): GroupNorm with statistics over
+    all frames of a video, ``proj_in``, ``num_layers`` :class:`MotionTransformerBlock` over frames,
+    ``proj_out``, plus the input (a plain residual, no AlphaBlender).
+
+    Folded frames ``(B*F, H, W, C)`` -> ``(B*F, H, W, C)``. ``zero_init`` zeroes ``proj_out`` so that a fresh
+    module is the identity (AnimateDiff's insertion into a frozen image model)."""
+
+    def __init__(self, channels: int, heads: int, *, num_layers: int = 1, norm_num_groups: int = 32,
+                 max_seq_length: int = 32, upcast_attention: bool = False, zero_init: bool = True,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        if channels % heads:
+            raise ConfigError(f"motion module: {channels} channels do not divide into {heads} heads")
+        self.norm = GroupNorm(norm_num_groups, channels, eps=1e-6, rngs=rngs)
+        self.proj_in = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List([
+            MotionTransformerBlock(channels, heads, max_seq_length, upcast_attention=upcast_attention,
+                                   rngs=rngs, dtype=dtype) for _ in range(num_layers)])
+        self.proj_out = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+        if zero_init:
+            zero_init_layer(self.proj_out)
+
+    def __call__(self, x, *, num_frames: int):
+        _, h, w, _ = x.shape
+        normed = fold_frames(self.norm(unfold_frames(x, num_frames)).astype(x.dtype))
+        seqs = self.proj_in(to_frame_tokens(normed, num_frames))
+        for block in self.transformer_blocks:
+            seqs = block(seqs)
+        return from_frame_tokens(self.proj_out(seqs), num_frames, h, w) + x

@@ -1,0 +1,163 @@
+"""AnimateDiff: motion modules in our video U-Net against diffusers (``UNetMotionModel``, ``AnimateDiffPipeline``)
+on tiny random weights saved with ``save_pretrained``: an SD 1.x folder and two MotionAdapter folders (``v1``: no
+mid-block module, window 32; ``v2``: a mid-block module, window 24, 4 heads, two transformer layers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.tiny_animatediff import (ADAPTERS, adapter_to_original, diffusers_animatediff,
+                                            make_adapter_folder, tiny_adapter)
+from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder
+
+FRAMES, STEPS, SIZE = 8, 2, 16  # tiny VAE: factor 2, so 8x8 latents
+PROMPT = "a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("animatediff")
+    sd = make_tiny_sd_pipeline_folder(tmp)
+    adapters = {name: make_adapter_folder(tmp, name) for name in ADAPTERS}
+    noise = np.random.default_rng(0).standard_normal((1, FRAMES, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+    reference = {}
+    for name, folder in adapters.items():
+        ref = diffusers_animatediff(sd, folder)
+        reference[name] = np.asarray(ref(PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE,
+                                         num_inference_steps=STEPS, guidance_scale=7.5, output_type="np",
+                                         latents=torch.from_numpy(noise.transpose(0, 4, 1, 2, 3))).frames)
+    return dict(tmp=tmp, sd=sd, adapters=adapters, noise=noise, reference=reference, pipes={})
+
+
+def ours(world, name, adapter=None, **kwargs):
+    from vldm_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    pipe = AnimateDiffPipeline.from_pretrained(world["sd"], motion_adapter=adapter or world["adapters"][name],
+                                               **kwargs)
+    frames = pipe(PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                  guidance_scale=7.5, latents=world["noise"])
+    return pipe, frames
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_frames_match_diffusers(world, name):
+    pipe, frames = ours(world, name)
+    world["pipes"][name] = pipe
+    assert frames.shape == (1, FRAMES, SIZE, SIZE, 3) and frames.dtype == np.float32
+    ref = world["reference"][name]
+    assert np.abs(frames - ref).max() < 2e-3
+    # the motion modules matter: the frames differ from one another and from the other adapter's
+    assert np.abs(frames[:, 1:] - frames[:, :-1]).max() > 1e-2
+    other = world["reference"][{"v1": "v2", "v2": "v1"}[name]]
+    assert np.abs(frames - other).max() > 1e-2
+
+
+def test_unet_step_matches_diffusers_motion_unet(world):
+    """One U-Net call (module parity, 1e-4): diffusers ``UNetMotionModel.from_unet2d`` vs ours."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    from vldm_jax.models.roles import is_temporal_path
+
+    pipe = world["pipes"].get("v2") or ours(world, "v2")[0]
+    ref = UNetMotionModel.from_unet2d(UNet2DConditionModel.from_pretrained(world["sd"], subfolder="unet"),
+                                      MotionAdapter.from_pretrained(world["adapters"]["v2"])).eval()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 5, 8, 8)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, 128)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), 500, torch.from_numpy(np.repeat(ctx, 5, axis=0))).sample.numpy()  # per frame
+    import jax
+    from flax import nnx
+
+    graph, state = nnx.split(pipe.unet)
+    call = jax.jit(lambda st, x, c: nnx.merge(graph, st)(x, 500, c))
+    got = np.asarray(call(state, x.transpose(0, 2, 3, 4, 1), ctx)).transpose(0, 4, 1, 2, 3)
+    assert np.abs(got - want).max() < 1e-4
+    # every motion-module parameter is temporal (freezing, temporal weight files, spatial swaps)
+    paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(pipe.unet))]
+    motion = [p for p in paths if "motion_modules" in p]
+    assert motion and all(is_temporal_path(p) for p in motion)
+    assert not any(is_temporal_path(p) for p in paths if "motion_modules" not in p)
+    assert any(p.startswith("mid_block.motion_modules.0.transformer_blocks.0") for p in motion)
+
+
+def test_original_single_file_same_frames(world):
+    """The v1 adapter written in the original ``mm_sd_v15`` layout (safetensors) gives the same frames."""
+    from safetensors.torch import save_file
+
+    path = world["tmp"] / "mm_sd_v15_tiny.safetensors"
+    save_file(adapter_to_original(tiny_adapter("v1").state_dict(), 32), str(path))
+    _, frames = ours(world, "v1", adapter=path)
+    assert np.abs(frames - world["reference"]["v1"]).max() < 2e-3
+
+
+def test_original_layout_config_and_pickle(world):
+    """The config read off an original file (mid block, window, layers), and .ckpt only with allow_pickle."""
+    from vldm_jax.checkpoints.animatediff import read_motion_adapter
+    from vldm_jax.errors import CheckpointError
+
+    state = tiny_adapter("v2").state_dict()
+    path = world["tmp"] / "mm_sd_v15_v2_tiny.ckpt"
+    torch.save(adapter_to_original(state, 24), str(path))
+    with pytest.raises(CheckpointError, match="pickle"):
+        read_motion_adapter(path)
+    adapter = read_motion_adapter(path, allow_pickle=True)
+    c = adapter.config
+    assert (c["use_motion_mid_block"], c["motion_max_seq_length"], c["motion_transformer_layers_per_block"],
+            tuple(c["block_out_channels"])) == (True, 24, 2, (32, 32, 64))
+    assert sorted(adapter.state_dict) == sorted(state)
+    for k, v in state.items():
+        np.testing.assert_array_equal(adapter.state_dict[k], v.numpy())
+
+
+def test_diffusers_animatediff_pipeline_folder(world):
+    """A saved diffusers AnimateDiff pipeline folder (its unet a ``UNetMotionModel``) loads with the same weights."""
+    from flax import nnx
+
+    from vldm_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    folder = world["tmp"] / "diffusers_animatediff"
+    diffusers_animatediff(world["sd"], world["adapters"]["v2"]).save_pretrained(folder, safe_serialization=True)
+    loaded = AnimateDiffPipeline.from_pretrained(folder)
+    pipe = world["pipes"].get("v2") or ours(world, "v2")[0]
+    a = dict(nnx.to_flat_state(nnx.state(loaded.unet)))
+    b = dict(nnx.to_flat_state(nnx.state(pipe.unet)))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
+
+
+def test_bad_inputs(world):
+    from vldm_jax.checkpoints.animatediff import check_compatible, read_motion_adapter
+    from vldm_jax.errors import CheckpointError, UserError
+    from vldm_jax.models.unet import UNet2DConditionConfig
+    from vldm_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    sd15 = {"block_out_channels": (320, 640, 1280, 1280), "motion_layers_per_block": 2}
+    check_compatible(UNet2DConditionConfig(cross_attention_dim=768), sd15)
+    with pytest.raises(CheckpointError, match="SD 2.x"):
+        check_compatible(UNet2DConditionConfig(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20)), sd15)
+    sdxl = UNet2DConditionConfig(cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+    with pytest.raises(CheckpointError, match="SDXL"):
+        check_compatible(sdxl, sd15)
+    with pytest.raises(CheckpointError, match="motion modules per block"):
+        check_compatible(UNet2DConditionConfig(cross_attention_dim=768, layers_per_block=1), sd15)
+    # a U-Net whose channels differ from the adapter's: one line naming the mismatch
+    bad = world["tmp"] / "adapter_bad"
+    from diffusers import MotionAdapter
+
+    MotionAdapter(**{**ADAPTERS["v1"], "block_out_channels": (32, 64, 64)}).save_pretrained(bad)
+    with pytest.raises(CheckpointError, match="block channels") as e:
+        AnimateDiffPipeline.from_pretrained(world["sd"], motion_adapter=bad)
+    assert "\n" not in str(e.value)
+    pipe = world["pipes"].get("v1") or ours(world, "v1")[0]
+    for frames in (0, -3):
+        with pytest.raises(UserError, match="num_frames"):
+            pipe(PROMPT, num_frames=frames, height=SIZE, width=SIZE)
+    with pytest.raises(UserError, match="window"):
+        pipe(PROMPT, num_frames=40, height=SIZE, width=SIZE)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_motion_adapter(world["tmp"] / "missing.safetensors")
