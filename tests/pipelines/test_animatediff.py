@@ -161,3 +161,33 @@ def test_bad_inputs(world):
         pipe(PROMPT, num_frames=40, height=SIZE, width=SIZE)
     with pytest.raises(CheckpointError, match="not found"):
         read_motion_adapter(world["tmp"] / "missing.safetensors")
+
+
+def _cli(capsys, *args):
+    from vldm_jax.cli import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_generate_with_motion_adapter(world, capsys):
+    import imageio.v3 as iio
+
+    out = world["tmp"] / "clip.gif"
+    rc, err = _cli(capsys, "generate", PROMPT, "--checkpoint", world["sd"], "--motion-adapter",
+                   world["adapters"]["v1"], "--frames", FRAMES, "--steps", STEPS, "--height", SIZE, "--width", SIZE,
+                   "--out", out)
+    assert rc == 0, err
+    assert iio.imread(out).shape == (FRAMES, SIZE, SIZE, 3)
+    # bad input: one line, exit 2, no file
+    ckpt = world["tmp"] / "mm_cli.ckpt"
+    torch.save(adapter_to_original(tiny_adapter("v1").state_dict(), 32), str(ckpt))
+    for bad, args in (("frames", ["--frames", 0]), ("pickle", ["--motion-adapter", ckpt]),
+                      ("missing", ["--checkpoint", world["tmp"] / "nothing_here"])):
+        target = world["tmp"] / f"bad_{bad.replace(' ', '_')}.gif"
+        base = {"--checkpoint": world["sd"], "--motion-adapter": world["adapters"]["v1"], "--frames": FRAMES}
+        for k, v in zip(args[::2], args[1::2]):
+            base[k] = v
+        rc, err = _cli(capsys, "generate", PROMPT, *[x for kv in base.items() for x in kv], "--out", target)
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("vldm: error:"), (bad, err)
+        assert not target.exists()
