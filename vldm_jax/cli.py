@@ -180,6 +180,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temporal", default=None, metavar="FILE",
                    help="temporal layers (.safetensors written by save_temporal) to insert into SRC's image U-Net: "
                         "DST's unet/ is then a video U-Net (paper's transfer to any compatible SD fine-tune)")
+    p.add_argument("--to", default=None, choices=["diffusers-motion-adapter"],
+                   help="diffusers-motion-adapter: SRC is a temporal weights file with AnimateDiff motion modules "
+                        "(training's workdir/temporal.safetensors), a MotionAdapter folder or an mm_sd_v15* file; "
+                        "DST becomes a diffusers MotionAdapter folder")
 
     p = sub.add_parser("train", help="train (or resume) a Video LDM stage from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
@@ -430,6 +434,8 @@ def _cmd_convert(args) -> int:
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
     t0 = time.perf_counter()
+    if args.to == "diffusers-motion-adapter":
+        return _convert_motion_adapter(args, t0)
     if args.temporal is not None:
         from vldm_jax.checkpoints.temporal import read_temporal
 
@@ -442,6 +448,23 @@ def _cmd_convert(args) -> int:
         _save_with_temporal(pipe, args.temporal, args.dst)
     print(f"converted {args.src} in {t1 - t0:.1f}s, wrote {args.dst} in {time.perf_counter() - t1:.1f}s",
           file=sys.stderr)
+    return 0
+
+
+def _convert_motion_adapter(args, t0) -> int:
+    from pathlib import Path
+
+    from vldm_jax.checkpoints import animatediff as ad
+    from vldm_jax.errors import UserError
+
+    if args.temporal is not None:
+        raise UserError("--temporal does not apply to --to diffusers-motion-adapter")
+    if Path(args.dst).exists():
+        raise UserError(f"{args.dst} already exists; choose another destination")
+    adapter = ad.read_motion_adapter(args.src, allow_pickle=args.allow_pickle)
+    ad.save_motion_adapter(adapter, args.dst)
+    print(f"wrote the motion adapter {args.dst} ({len(adapter.state_dict)} tensors) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
 

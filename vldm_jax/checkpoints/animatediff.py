@@ -157,14 +157,34 @@ def read_original_motion_module(path: str | os.PathLike, *, allow_pickle: bool =
     return MotionAdapterWeights(infer_adapter_config(state, str(path)), state, str(path))
 
 
+def is_temporal_file(path) -> bool:
+    """True for a temporal weights file of ours (``save_temporal``; training's ``workdir/temporal.safetensors``)."""
+    from safetensors import safe_open
+
+    from vldm_jax.checkpoints.temporal import FORMAT
+
+    if Path(path).suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file: the reader that follows names the problem
+        return False
+
+
 def read_motion_adapter(path_or_id: str | os.PathLike, *, allow_pickle: bool = False) -> MotionAdapterWeights:
     """A motion adapter from a diffusers ``MotionAdapter`` folder (``config.json`` + weights), a hub id of one,
-    or an original single file (see :func:`read_original_motion_module`)."""
+    an original single file (see :func:`read_original_motion_module`), or our temporal weights file with motion
+    modules (what training writes: ``workdir/temporal.safetensors``, or the workdir itself)."""
     from vldm_jax.checkpoints.load import find_folder_weights, resolve_path
     from vldm_jax.models.config import read_config_file
 
     p = Path(path_or_id)
+    if p.is_dir() and (p / "temporal.safetensors").is_file() and not (p / "config.json").exists():
+        p = p / "temporal.safetensors"  # a training workdir
     if p.is_file():
+        if is_temporal_file(p):
+            return motion_adapter_from_temporal_file(p)
         return read_original_motion_module(p, allow_pickle=allow_pickle)
     if not p.exists() and str(path_or_id).endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")):
         raise CheckpointError(f"motion adapter file not found: {path_or_id}")
@@ -329,24 +349,20 @@ def load_motion_unet(folder: str | os.PathLike, *, allow_pickle: bool = False, d
 
 # ------------------------------------------------------------------------------------------------- export
 
-def adapter_config_of(video_unet) -> dict[str, Any]:
-    """The diffusers MotionAdapter config.json of a video U-Net with motion modules."""
-    c = video_unet.config
+def adapter_config_of(config) -> dict[str, Any]:
+    """The diffusers MotionAdapter config.json of a video U-Net config with motion modules."""
+    c = config
     if getattr(c, "temporal_layer_type", None) != "motion_module":
-        raise UserError("this U-Net has no AnimateDiff motion modules (temporal_layer_type is not motion_module)")
-    layers = c.layers_per_block
+        raise UserError("no AnimateDiff motion modules here (temporal_layer_type is not motion_module)")
+    listed = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     return {
         "_class_name": ADAPTER_CLASS,
         "block_out_channels": list(c.block_out_channels),
-        "motion_layers_per_block": list(layers) if isinstance(layers, tuple) else layers,
-        "motion_transformer_layers_per_block": (list(c.motion_transformer_layers_per_block)
-                                                if isinstance(c.motion_transformer_layers_per_block, tuple)
-                                                else c.motion_transformer_layers_per_block),
+        "motion_layers_per_block": listed(c.layers_per_block),
+        "motion_transformer_layers_per_block": listed(c.motion_transformer_layers_per_block),
         "motion_mid_block_layers_per_block": 1,
         "motion_transformer_layers_per_mid_block": c.motion_transformer_layers_per_mid_block,
-        "motion_num_attention_heads": (list(c.motion_num_attention_heads)
-                                       if isinstance(c.motion_num_attention_heads, tuple)
-                                       else c.motion_num_attention_heads),
+        "motion_num_attention_heads": listed(c.motion_num_attention_heads),
         "motion_norm_num_groups": c.norm_num_groups,
         "motion_max_seq_length": c.motion_max_seq_length,
         "use_motion_mid_block": bool(c.use_motion_mid_block and c.mid_block_type is not None),
@@ -354,17 +370,18 @@ def adapter_config_of(video_unet) -> dict[str, Any]:
     }
 
 
-def adapter_state_dict(video_unet) -> dict[str, np.ndarray]:
-    """The motion modules as a diffusers-keyed torch-layout state dict (linear kernels transposed back)."""
-    from vldm_jax.models.roles import _join, flat_arrays, temporal_filter
+def adapter_state_dict(arrays: Mapping[tuple, Any]) -> dict[str, np.ndarray]:
+    """Motion-module arrays (NNX path -> array) as a diffusers-keyed torch-layout state dict."""
+    from vldm_jax.models.roles import _join
 
     out = {}
-    for path, value in flat_arrays(video_unet, temporal_filter).items():
+    for path, value in arrays.items():
+        if "motion_modules" not in path:
+            raise CheckpointError(f"not a motion-module parameter: {_join(path)}")
         a = np.asarray(value, np.float32)
         leaf = path[-1]
         if leaf == "kernel":
-            a = a.T  # every motion-module kernel is a linear layer
-            key = _join(path[:-1]) + ".weight"
+            a, key = a.T, _join(path[:-1]) + ".weight"  # every motion-module kernel is a linear layer
         elif leaf == "scale":
             key = _join(path[:-1]) + ".weight"
         else:
@@ -373,32 +390,46 @@ def adapter_state_dict(video_unet) -> dict[str, np.ndarray]:
     return out
 
 
-def save_motion_adapter(video_unet, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def motion_adapter_of(video_unet) -> MotionAdapterWeights:
+    """The motion modules of a video U-Net as a diffusers MotionAdapter (config + state dict)."""
+    from vldm_jax.models.roles import flat_arrays, temporal_filter
+
+    return MotionAdapterWeights(adapter_config_of(video_unet.config),
+                                adapter_state_dict(flat_arrays(video_unet, temporal_filter)), "video U-Net")
+
+
+def motion_adapter_from_temporal_file(path: str | os.PathLike) -> MotionAdapterWeights:
+    """The motion modules of a temporal weights file (``save_temporal``; what training writes as
+    ``workdir/temporal.safetensors``) as a diffusers MotionAdapter."""
+    from vldm_jax.checkpoints.temporal import read_temporal
+    from vldm_jax.models.config import config_from_dict
+    from vldm_jax.models.unet import VideoUNetConfig
+
+    arrays, config = read_temporal(path)
+    video_config = config_from_dict(VideoUNetConfig, config)
+    return MotionAdapterWeights(adapter_config_of(video_config), adapter_state_dict(arrays), str(path))
+
+
+def save_motion_adapter(adapter: MotionAdapterWeights, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Writes a diffusers MotionAdapter folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
     atomically: built under a temporary name beside ``dst``, then renamed."""
     from vldm_jax.checkpoints.load import write_safetensors
     from vldm_jax.checkpoints.store import atomic_folder
 
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists; choose another name")
-    config = adapter_config_of(video_unet)
-    state = adapter_state_dict(video_unet)
     with atomic_folder(dst, overwrite=overwrite) as tmp:
-        write_safetensors(Path(tmp) / "diffusion_pytorch_model.safetensors", state, {"format": "pt"})
+        write_safetensors(Path(tmp) / "diffusion_pytorch_model.safetensors", adapter.state_dict, {"format": "pt"})
         with open(Path(tmp) / "config.json", "w") as f:
-            json.dump(config, f, indent=1)
+            json.dump({**adapter.config, "_class_name": ADAPTER_CLASS}, f, indent=1)
     return dst
 
 
-def save_original_motion_module(video_unet_or_adapter, path: str | os.PathLike) -> Path:
+def save_original_motion_module(adapter: MotionAdapterWeights, path: str | os.PathLike) -> Path:
     """Writes the motion modules in the original AnimateDiff single-file layout (``.safetensors``)."""
     from vldm_jax.checkpoints.load import write_safetensors
 
-    state = (video_unet_or_adapter.state_dict if isinstance(video_unet_or_adapter, MotionAdapterWeights)
-             else adapter_state_dict(video_unet_or_adapter))
     out = {}
-    for key, value in state.items():
+    for key, value in adapter.state_dict.items():
         for original in diffusers_to_original_key(key):
             out[original] = np.ascontiguousarray(value)
     path = Path(path)
