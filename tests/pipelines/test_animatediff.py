@@ -191,3 +191,64 @@ def test_cli_generate_with_motion_adapter(world, capsys):
         rc, err = _cli(capsys, "generate", PROMPT, *[x for kv in base.items() for x in kv], "--out", target)
         assert rc == 2 and err.count("\n") == 1 and err.startswith("vldm: error:"), (bad, err)
         assert not target.exists()
+
+
+def test_lcm_frames_match_diffusers(world):
+    """The LCM sampler in the pipeline (3 steps, guidance 1.5) with diffusers' per-step noise replayed."""
+    from diffusers import LCMScheduler
+
+    from vldm_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    steps, noise = 3, world["noise"]
+    ref = diffusers_animatediff(world["sd"], world["adapters"]["v1"])
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    want = ref(PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=1.5,
+               latents=torch.from_numpy(noise.transpose(0, 4, 1, 2, 3)), output_type="np",
+               generator=torch.Generator().manual_seed(5)).frames
+    gen = torch.Generator().manual_seed(5)  # diffusers draws each step's noise from the generator, in order
+    step_noise = [torch.randn((1, 4) + noise.shape[1:4], generator=gen).numpy().transpose(0, 2, 3, 4, 1)
+                  for _ in range(steps - 1)] + [np.zeros_like(noise)]
+    pipe = world["pipes"].get("v1") or AnimateDiffPipeline.from_pretrained(world["sd"],
+                                                                           motion_adapter=world["adapters"]["v1"])
+    got = pipe(PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=1.5,
+               latents=noise, scheduler="lcm", step_noise=np.stack(step_noise))
+    assert np.abs(got - np.asarray(want)).max() < 2e-3
+
+
+def test_free_noise_windows_and_noise():
+    from diffusers.models.attention import FreeNoiseTransformerBlock
+
+    from vldm_jax.nn.temporal import free_noise_frame_weights, free_noise_windows
+    from vldm_jax.pipelines.free_noise import rescheduled_frames
+
+    for n in (7, 8):
+        for scheme in ("flat", "pyramid", "delayed_reverse_sawtooth"):
+            assert free_noise_frame_weights(n, scheme) == FreeNoiseTransformerBlock._get_frame_weights(None, n, scheme)
+    windows = free_noise_windows(14, 8, 4, "pyramid")
+    assert [(s, e) for s, e, _, _ in windows] == [(0, 8), (4, 12), (6, 14)]
+    assert windows[-1][2][:6] == (0.0,) * 6 and windows[-1][3][6:] == (2.0, 2.0)
+    src = rescheduled_frames(20, 8, 4, "shuffle_context", seed=0)
+    assert list(src[:8]) == list(range(8)) and sorted(src[8:12]) == [0, 1, 2, 3]
+    assert list(rescheduled_frames(20, 8, 4, "repeat_context", 0)) == [i % 8 for i in range(20)]
+
+
+@pytest.mark.slow
+def test_free_noise_frames_match_diffusers(world):
+    """FreeNoise (8-frame windows every 4 frames, the last window incomplete) on 14 frames, v2 adapter."""
+    from vldm_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    frames = 14
+    noise = np.random.default_rng(3).standard_normal((1, frames, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+    ref = diffusers_animatediff(world["sd"], world["adapters"]["v2"])
+    ref.enable_free_noise(context_length=8, context_stride=4)
+    want = ref(PROMPT, num_frames=frames, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+               latents=torch.from_numpy(noise.transpose(0, 4, 1, 2, 3)), output_type="np").frames
+    pipe = AnimateDiffPipeline.from_pretrained(world["sd"], motion_adapter=world["adapters"]["v2"])
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    got = pipe(PROMPT, num_frames=frames, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+               latents=noise)
+    assert np.abs(got - np.asarray(want)).max() < 2e-3
+    # longer than the window only with FreeNoise; the rescheduled noise path runs too
+    long = pipe(PROMPT, num_frames=30, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=1.0,
+                return_latents=True)
+    assert long.shape == (1, 30, SIZE // 2, SIZE // 2, 4) and np.isfinite(long).all()

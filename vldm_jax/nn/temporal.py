@@ -414,6 +414,46 @@ class FramePositions(nnx.Module):
         return self.pe[...][:, :num_frames].astype(dtype)
 
 
+FREE_NOISE_WEIGHTINGS = ("flat", "pyramid", "delayed_reverse_sawtooth")
+
+
+def free_noise_frame_weights(context_length: int, weighting_scheme: str) -> list[float]:
+    """FreeNoise's per-frame weights of one window (diffusers' ``flat``, ``pyramid``,
+    ``delayed_reverse_sawtooth``)."""
+    n = context_length
+    if weighting_scheme == "flat":
+        return [1.0] * n
+    half = n // 2 if n % 2 == 0 else (n + 1) // 2
+    if weighting_scheme == "pyramid":
+        rise = list(range(1, half + 1)) if n % 2 == 0 else list(range(1, half))
+        return [float(w) for w in (rise + rise[::-1] if n % 2 == 0 else rise + [half] + rise[::-1])]
+    if weighting_scheme == "delayed_reverse_sawtooth":
+        head = [0.01] * (half - 1) + [half] if n % 2 == 0 else [0.01] * half
+        return [float(w) for w in head + list(range(half, 0, -1))]
+    raise ConfigError(f"unknown FreeNoise weighting {weighting_scheme!r}; choose one of {FREE_NOISE_WEIGHTINGS}")
+
+
+def free_noise_windows(num_frames: int, context_length: int, context_stride: int, weighting_scheme: str):
+    """The static windows of FreeNoise over ``num_frames``: ``(start, end, value_weights, count_weights)``.
+
+    Windows of ``context_length`` frames every ``context_stride`` frames; when they do not reach the last frame,
+    one more window ends there and only its frames past the previous windows accumulate. As in diffusers, that
+    last window's frames are counted with the single weight of its first new frame (its ``count_weights``), which
+    is what makes our frames match diffusers' ``enable_free_noise`` exactly."""
+    if num_frames < context_length:
+        raise ConfigError(f"FreeNoise needs at least context_length={context_length} frames, got {num_frames}")
+    w = free_noise_frame_weights(context_length, weighting_scheme)
+    windows = [(s, s + context_length, tuple(w), tuple(w))
+               for s in range(0, num_frames - context_length + 1, context_stride)]
+    covered = windows[-1][1]
+    if covered != num_frames:
+        rest = num_frames - covered
+        head = [0.0] * (context_length - rest)
+        windows.append((num_frames - context_length, num_frames, tuple(head + w[-rest:]),
+                        tuple(head + [w[-rest]] * rest)))
+    return tuple(windows)
+
+
 class MotionTransformerBlock(nnx.Module):
     """One block of an AnimateDiff temporal transformer on frame sequences ``(N, F, C)``: two self-attentions
     across frames (diffusers' ``double_self_attention``), each fed its LayerNorm'd input plus the sinusoidal
@@ -430,12 +470,35 @@ class MotionTransformerBlock(nnx.Module):
         self.norm3 = LayerNorm(dim, rngs=rngs)
         self.ff = FeedForward(dim, activation_fn="geglu", rngs=rngs, dtype=dtype)
         self.pos_embed = FramePositions(dim, max_seq_length)
+        # FreeNoise: (context_length, context_stride, weighting_scheme), or None (see set_free_noise)
+        self.free_noise = None
 
-    def __call__(self, x):
+    def _attend(self, x):
         pos = self.pos_embed(x.shape[1], x.dtype)
         x = x + self.attn1(self.norm1(x) + pos)
-        x = x + self.attn2(self.norm2(x) + pos)
+        return x + self.attn2(self.norm2(x) + pos)
+
+    def __call__(self, x):
+        if self.free_noise is None:
+            x = self._attend(x)
+        else:  # FreeNoise: both attentions per window of frames, blended per frame by the windows' weights
+            total = jnp.zeros(x.shape, jnp.float32)
+            count = jnp.zeros((x.shape[1],), jnp.float32)
+            for start, end, values, counts in free_noise_windows(x.shape[1], *self.free_noise):
+                out = self._attend(x[:, start:end]).astype(jnp.float32)
+                total = total.at[:, start:end].add(out * jnp.asarray(values, jnp.float32)[None, :, None])
+                count = count.at[start:end].add(jnp.asarray(counts, jnp.float32))
+            count = count[None, :, None]
+            x = jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), total).astype(x.dtype)
         return x + self.ff(self.norm3(x))
+
+
+def set_free_noise(module: nnx.Module, free_noise: tuple[int, int, str] | None) -> None:
+    """Turns FreeNoise's context windows on (``(context_length, context_stride, weighting_scheme)``) or off
+    (None) in every motion-module transformer block of ``module``. A static setting: split the module again."""
+    for _, block in nnx.iter_graph(module):
+        if isinstance(block, MotionTransformerBlock):
+            block.free_noise = None if free_noise is None else tuple(free_noise)
 
 
 class MotionModule(nnx.Module):

@@ -27,34 +27,19 @@ from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, in
 SCHEDULERS = SAMPLER_NAMES
 
 
-@functools.partial(jax.jit, static_argnames=("unet_graph", "guided", "progress", "windows"))
-def _denoise_video(unet_graph, unet_state, sampler, context, uncontext, noise, guidance_scale, key,
-                   guided: bool, progress: bool, windows=None):
+@functools.partial(jax.jit, static_argnames=("unet_graph", "guided", "progress"))
+def _denoise_video(unet_graph, unet_state, sampler, context, uncontext, noise, guidance_scale, key, step_noise,
+                   guided: bool, progress: bool):
     unet = nnx.merge(unet_graph, unet_state)
 
-    def model(x, t):
+    def denoise(x, t):
         if guided:
             return classifier_free_guidance(lambda xx, tt, c: unet(xx, tt, c), x, t, context, uncontext,
                                             guidance_scale)
         return unet(x, t, context)
 
-    denoise = model if windows is None else functools.partial(_windowed, model, windows)
-    return sample(denoise, sampler, noise, key=key, progress=advance if progress else None)
-
-
-def _windowed(model, windows, x, t):
-    """FreeNoise's context windows: the model on each window of frames, outputs blended per frame by the
-    windows' weights (``windows``: a static tuple of (start, weights tuple))."""
-    f = x.shape[1]
-    total = jnp.zeros(x.shape, jnp.float32)
-    count = jnp.zeros((f,), jnp.float32)
-    for start, weights in windows:
-        n = len(weights)
-        w = jnp.asarray(weights, jnp.float32)
-        out = model(jax.lax.slice_in_dim(x, start, start + n, axis=1), t).astype(jnp.float32)
-        total = total.at[:, start:start + n].add(out * w[None, :, None, None, None])
-        count = count.at[start:start + n].add(w)
-    return (total / count[None, :, None, None, None]).astype(x.dtype)
+    return sample(denoise, sampler, noise, key=key, variance_noise=step_noise,
+                  progress=advance if progress else None)
 
 
 class AnimateDiffPipeline:
@@ -141,14 +126,22 @@ class AnimateDiffPipeline:
         ``enable_free_noise`` semantics)."""
         from vldm_jax.pipelines.free_noise import check_free_noise_options
 
+        from vldm_jax.nn.temporal import set_free_noise
+
         context_length = context_length or self.unet.config.motion_max_seq_length
         check_free_noise_options(context_length, context_stride, weighting_scheme, noise_type,
                                  self.unet.config.motion_max_seq_length)
         self.free_noise = dict(context_length=context_length, context_stride=context_stride,
                                weighting_scheme=weighting_scheme, noise_type=noise_type)
+        set_free_noise(self.unet, (context_length, context_stride, weighting_scheme))
+        self._unet_graph, self._unet_state = nnx.split(self.unet)
 
     def disable_free_noise(self) -> None:
+        from vldm_jax.nn.temporal import set_free_noise
+
         self.free_noise = None
+        set_free_noise(self.unet, None)
+        self._unet_graph, self._unet_state = nnx.split(self.unet)
 
     # ------------------------------------------------------------------------------------------ running
     @property
@@ -163,9 +156,12 @@ class AnimateDiffPipeline:
                  num_frames: int = 16, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 7.5, scheduler: str = "ddim",
                  seed: int = 0, latents=None, decode_chunk_size: int = 16, eta: float = 0.0,
-                 progress: bool = False, return_latents: bool = False) -> np.ndarray:
+                 step_noise=None, progress: bool = False, return_latents: bool = False) -> np.ndarray:
         """Frames ``(B, F, H, W, 3)`` float32 in [0, 1] (with ``return_latents``, the final latents
-        ``(B, F, h, w, 4)``). ``latents``: optional unit-variance initial noise ``(B, F, h, w, 4)``."""
+        ``(B, F, h, w, 4)``). ``latents``: optional unit-variance initial noise ``(B, F, h, w, 4)`` (with
+        FreeNoise used as given, as diffusers does). ``step_noise``: for stochastic samplers (``lcm``, DDIM with
+        ``eta``), the fresh noise of every step ``(num_inference_steps, B, F, h, w, 4)`` instead of drawing it from
+        ``seed`` (to reproduce another implementation's run)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         f = self.vae_scale_factor
@@ -185,20 +181,16 @@ class AnimateDiffPipeline:
         if self.free_noise is None and num_frames > window:
             raise UserError(f"{num_frames} frames exceed the motion modules' window of {window}; "
                             "call enable_free_noise() for longer videos")
+        if self.free_noise is not None and num_frames < self.free_noise["context_length"]:
+            raise UserError(f"FreeNoise needs at least context_length={self.free_noise['context_length']} frames "
+                            f"(got {num_frames})")
         shape = (b, int(num_frames), height // f, width // f, self.unet.config.in_channels)
         noise_key, sample_key = jax.random.split(jax.random.key(seed))
-        windows = None
-        if self.free_noise is not None:
-            from vldm_jax.pipelines.free_noise import context_windows, reschedule_noise
+        if self.free_noise is not None and latents is None:
+            from vldm_jax.pipelines.free_noise import reschedule_noise
 
             fn = self.free_noise
-            if latents is None:
-                noise = reschedule_noise(noise_key, shape, fn["context_length"], fn["context_stride"],
-                                         fn["noise_type"])
-            else:
-                noise = initial_noise(latents, shape, noise_key)
-            windows = context_windows(int(num_frames), fn["context_length"], fn["context_stride"],
-                                      fn["weighting_scheme"])
+            noise = reschedule_noise(noise_key, shape, fn["context_length"], fn["context_stride"], fn["noise_type"])
         else:
             noise = initial_noise(latents, shape, noise_key)
         guided = guidance_scale > 1.0
@@ -213,10 +205,17 @@ class AnimateDiffPipeline:
             uncontext = context
         options = {"eta": eta} if scheduler == "ddim" else {}
         sampler = make_sampler(scheduler, self.scheduler_config, num_inference_steps, **options)
+        if step_noise is not None:
+            step_noise = jnp.asarray(step_noise, jnp.float32)
+            if step_noise.shape != (num_inference_steps, *shape):
+                raise UserError(f"step_noise must have shape {(num_inference_steps, *shape)} "
+                                f"(got {tuple(step_noise.shape)})")
+            if not sampler.is_stochastic:
+                step_noise = None
         with denoising_bar(num_inference_steps, progress):
             out = _denoise_video(self._unet_graph, self._unet_state, sampler, context, uncontext, noise,
-                                 jnp.float32(guidance_scale), sample_key, guided=guided, progress=progress,
-                                 windows=windows)
+                                 jnp.float32(guidance_scale), sample_key, step_noise, guided=guided,
+                                 progress=progress)
         if return_latents:
             return np.asarray(out, np.float32)
         return np.asarray(self.codec.decode(out, chunk=int(decode_chunk_size)), np.float32)
