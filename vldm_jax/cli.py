@@ -33,15 +33,9 @@ def _add_animatediff_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_loras(values) -> list[tuple[str, float]]:
-    """``FILE`` or ``FILE:SCALE`` -> ``(FILE, SCALE)`` (scale 1.0 when absent or not a number)."""
-    out = []
-    for value in values:
-        path, sep, scale = value.rpartition(":")
-        try:
-            out.append((path, float(scale)) if sep and path else (value, 1.0))
-        except ValueError:
-            out.append((value, 1.0))
-    return out
+    from vldm_jax.checkpoints.lora import parse_lora_arg
+
+    return [parse_lora_arg(v) for v in values]
 
 
 def _generate_animatediff(args, out) -> int:

@@ -166,6 +166,7 @@ def test_bad_inputs(world):
 def _cli(capsys, *args):
     from vldm_jax.cli import main
 
+    capsys.readouterr()
     rc = main([str(a) for a in args])
     return rc, capsys.readouterr().err
 
@@ -248,7 +249,68 @@ def test_free_noise_frames_match_diffusers(world):
     got = pipe(PROMPT, num_frames=frames, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
                latents=noise)
     assert np.abs(got - np.asarray(want)).max() < 2e-3
-    # longer than the window only with FreeNoise; the rescheduled noise path runs too
-    long = pipe(PROMPT, num_frames=30, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=1.0,
-                return_latents=True)
-    assert long.shape == (1, 30, SIZE // 2, SIZE // 2, 4) and np.isfinite(long).all()
+
+
+def test_loras_match_diffusers(world, capsys):
+    """An image LoRA (kohya with alpha, U-Net; PEFT, U-Net and text encoder) and a motion LoRA (PEFT), fused at
+    load, against diffusers' load_lora_weights + set_adapters; the original motion-LoRA layout and kohya's LDM names
+    fuse to the same weights; a LoRA for another model is one line, exit 2."""
+    from flax import nnx
+    from safetensors.torch import save_file
+
+    from tests.helpers.tiny_animatediff import image_lora, motion_lora
+    from vldm_jax.checkpoints.lora import fuse_loras
+    from vldm_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    tmp, noise = world["tmp"], world["noise"]
+    ref = diffusers_animatediff(world["sd"], world["adapters"]["v1"])
+    files = {}
+    for name, lora in (("kohya", image_lora(ref.unet, ref.text_encoder, layout="kohya", seed=1)),
+                       ("kohya_ldm", image_lora(ref.unet, ref.text_encoder, layout="kohya_ldm", seed=1)),
+                       ("peft", image_lora(ref.unet, ref.text_encoder, layout="peft", seed=2)),
+                       ("motion", motion_lora(tiny_adapter("v1"))),
+                       ("motion_original", motion_lora(tiny_adapter("v1"), original=True))):
+        files[name] = tmp / f"lora_{name}.safetensors"
+        save_file(lora, str(files[name]))
+        if name == "kohya":  # diffusers does not read kohya text-encoder keys of a transformers-5 CLIP
+            files["kohya_unet"] = tmp / "lora_kohya_unet.safetensors"
+            save_file({k: v for k, v in lora.items() if not k.startswith("lora_te_")}, str(files["kohya_unet"]))
+    scales = {"kohya_unet": 0.8, "peft": 0.6, "motion": 0.7}
+    for name in scales:
+        ref.load_lora_weights(str(files[name]), adapter_name=name)
+    ref.set_adapters(list(scales), adapter_weights=list(scales.values()))
+    want = ref(PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+               latents=torch.from_numpy(noise.transpose(0, 4, 1, 2, 3)), output_type="np").frames
+    pipe = AnimateDiffPipeline.from_pretrained(world["sd"], motion_adapter=world["adapters"]["v1"],
+                                               lora=[(files[n], s) for n, s in scales.items()])
+    got = pipe(PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+               latents=noise)
+    assert np.abs(got - np.asarray(want)).max() < 2e-3
+    assert np.abs(got - world["reference"]["v1"]).max() > 1e-2  # the LoRAs change the frames
+
+    base = world["pipes"].get("v1") or AnimateDiffPipeline.from_pretrained(world["sd"],
+                                                                           motion_adapter=world["adapters"]["v1"])
+
+    def fused(*pairs):
+        unet, text = fuse_loras(base.unet, base.text_encoder, pairs)
+        return {**{("u",) + tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(unet))},
+                **{("t",) + tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(text))}}
+
+    for a, b in (("kohya", "kohya_ldm"), ("motion", "motion_original")):  # text-encoder keys included
+        x, y = fused((files[a], 0.5)), fused((files[b], 0.5))
+        assert max(float(np.abs(np.asarray(x[k]) - np.asarray(y[k])).max()) for k in x) < 1e-6, (a, b)
+
+    # a LoRA for another model: a layer this U-Net lacks, or the wrong shape
+    other = tmp / "lora_other.safetensors"
+    save_file({"lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_3_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(other))
+    wrong = tmp / "lora_wrong.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 320),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(320, 4)}, str(wrong))
+    capsys.readouterr()  # what diffusers printed while loading
+    for bad in (other, wrong):
+        out = tmp / f"{bad.stem}.gif"
+        rc, err = _cli(capsys, "generate", PROMPT, "--checkpoint", world["sd"], "--motion-adapter",
+                       world["adapters"]["v1"], "--lora", f"{bad}:0.5", "--frames", FRAMES, "--out", out)
+        assert rc == 2 and err.count("\n") == 1 and "another model" in err, err
+        assert not out.exists()
