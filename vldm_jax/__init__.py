@@ -16,6 +16,7 @@ _LAZY = {
     "load_model": "vldm_jax.checkpoints.load",
     "TextToImagePipeline": "vldm_jax.pipelines.text_to_image",
     "ImageToVideoPipeline": "vldm_jax.pipelines.image_to_video",
+    "AnimateDiffPipeline": "vldm_jax.pipelines.animatediff",
 }
 
 __all__ = ["UserError", "CheckpointError", "ConfigError", *_LAZY]

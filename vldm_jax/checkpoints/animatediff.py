@@ -347,6 +347,18 @@ def load_motion_unet(folder: str | os.PathLike, *, allow_pickle: bool = False, d
                         name=str(folder))
 
 
+def image_unet_of(video_unet):
+    """The image U-Net whose weights are ``video_unet``'s spatial layers (AnimateDiff: the same names)."""
+    from vldm_jax.models.roles import flat_arrays, merge_parts, spatial_filter
+    from vldm_jax.checkpoints.convert import abstract_module
+    from vldm_jax.models.unet import UNet2DConditionModel
+
+    config = video_unet.config.image_config()
+    graphdef, abstract = abstract_module(lambda rngs: UNet2DConditionModel(config, rngs=rngs,
+                                                                           dtype=video_unet.dtype))
+    return merge_parts(graphdef, abstract, flat_arrays(video_unet, spatial_filter), name="U-Net")
+
+
 # ------------------------------------------------------------------------------------------------- export
 
 def adapter_config_of(config) -> dict[str, Any]:

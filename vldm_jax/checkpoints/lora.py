@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.errors import CheckpointError
 
 _RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

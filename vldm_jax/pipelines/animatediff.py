@@ -21,7 +21,7 @@ from flax import nnx
 
 from vldm_jax.diffusion.guidance import classifier_free_guidance
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
-from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.errors import UserError
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
@@ -70,7 +70,7 @@ class AnimateDiffPipeline:
         AnimateDiff pipeline folder (its ``unet/`` a ``UNetMotionModel``); ``motion_adapter``: a MotionAdapter
         folder or hub id, or an original ``mm_sd_v15*`` file (needed unless the U-Net already has motion
         modules). ``lora``: ``(file, scale)`` pairs fused into the weights at load."""
-        from vldm_jax.checkpoints.animatediff import animatediff_unet, load_motion_unet, read_motion_adapter
+        from vldm_jax.checkpoints.animatediff import animatediff_unet, read_motion_adapter
         from vldm_jax.models.config import read_config_file
         from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
@@ -90,16 +90,15 @@ class AnimateDiffPipeline:
 
     @classmethod
     def _from_motion_pipeline_folder(cls, folder: Path, *, motion_adapter, tokenizer, allow_pickle, lora, dtype):
-        from vldm_jax.checkpoints.animatediff import animatediff_unet, load_motion_unet, read_motion_adapter
+        from vldm_jax.checkpoints.animatediff import (animatediff_unet, image_unet_of, load_motion_unet,
+                                                      read_motion_adapter)
         from vldm_jax.checkpoints.load import load_model
         from vldm_jax.models.config import read_config_file
         from vldm_jax.models.tokenizer import load_tokenizer
 
         unet = load_motion_unet(folder / "unet", allow_pickle=allow_pickle, dtype=dtype)
         if motion_adapter is not None:  # swap in another adapter's motion modules
-            from vldm_jax.models.roles import replace_spatial
-
-            image_unet = _image_part(unet)
+            image_unet = image_unet_of(unet)
             unet = animatediff_unet(image_unet, read_motion_adapter(motion_adapter, allow_pickle=allow_pickle))
         vae = load_model(folder / "vae", allow_pickle=allow_pickle, dtype=dtype)
         text = load_model(folder / "text_encoder", allow_pickle=allow_pickle, dtype=dtype)
@@ -219,15 +218,3 @@ class AnimateDiffPipeline:
         if return_latents:
             return np.asarray(out, np.float32)
         return np.asarray(self.codec.decode(out, chunk=int(decode_chunk_size)), np.float32)
-
-
-def _image_part(video_unet):
-    """The image U-Net whose weights are ``video_unet``'s spatial layers (AnimateDiff: the same names)."""
-    from vldm_jax.models.roles import flat_arrays, merge_parts, spatial_filter
-    from vldm_jax.checkpoints.convert import abstract_module
-    from vldm_jax.models.unet import UNet2DConditionModel
-
-    config = video_unet.config.image_config()
-    graphdef, abstract = abstract_module(lambda rngs: UNet2DConditionModel(config, rngs=rngs,
-                                                                           dtype=video_unet.dtype))
-    return merge_parts(graphdef, abstract, flat_arrays(video_unet, spatial_filter), name="U-Net")

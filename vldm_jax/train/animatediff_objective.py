@@ -28,15 +28,14 @@ def build_animatediff_setup(config):
     if not m.motion_adapter:
         return setup
 
-    from vldm_jax.checkpoints.animatediff import animatediff_unet, read_motion_adapter
-    from vldm_jax.pipelines.animatediff import _image_part
+    from vldm_jax.checkpoints.animatediff import animatediff_unet, image_unet_of, read_motion_adapter
 
     adapter = read_motion_adapter(m.motion_adapter)  # a bad file fails before any training work
     init = setup.init_models
 
     def init_models():
         models = init()
-        unet = animatediff_unet(_image_part(models.unet), adapter)
+        unet = animatediff_unet(image_unet_of(models.unet), adapter)
         unet.set_remat(m.remat)
         models.unet = unet
         return models
