@@ -4,12 +4,14 @@ parameters, AnimateDiff v2 modules) with random weights, 16 frames of 64x64 late
     python scripts/benchmark_animatediff.py [--frames 16] [--latent 64] [--reps 2] [--out docs/benchmarks-animatediff-cpu.json]
 
 Both sides get the same weights (diffusers' random init, converted by our loader) and the same input; the output
-difference is printed as a check. Ours: one jitted call of the video U-Net (compile time reported apart).
+difference is printed as a check. Ours: one jitted call of the video U-Net (compile time reported apart). One
+model is in memory at a time (about 6 GB each plus activations): run it on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -33,19 +35,26 @@ def main(argv=None) -> int:
     from vldm_jax.checkpoints.convert import UNET_RENAME, build_module
     from vldm_jax.models.unet import VideoUNet
 
-    torch.manual_seed(0)
-    # Built directly (not from_unet2d) so that one copy of the 1.3 B weights exists: ours alias the torch tensors.
-    ref = UNetMotionModel(cross_attention_dim=768, sample_size=64, motion_max_seq_length=32,
-                          use_motion_mid_block=True).eval()
-    config = motion_unet_config(dict(ref.config))
-    unet = build_module(lambda rngs: VideoUNet(config, rngs=rngs), {k: v.numpy() for k, v in ref.state_dict().items()},
-                        rename=UNET_RENAME, name="random UNetMotionModel")
+    def reference():
+        torch.manual_seed(0)  # the same random weights every time it is built
+        return UNetMotionModel(cross_attention_dim=768, sample_size=64, motion_max_seq_length=32,
+                               use_motion_mid_block=True).eval()
 
     rng = np.random.default_rng(0)
     f, s = args.frames, args.latent
     x = rng.standard_normal((1, f, s, s, 4)).astype(np.float32)
     ctx = rng.standard_normal((1, 77, 768)).astype(np.float32)
+
+    # One model in memory at a time (1.3 B float32 parameters are 5.2 GB): ours first, then diffusers' rebuilt.
+    ref = reference()
+    config = motion_unet_config(dict(ref.config))
+    unet = build_module(lambda rngs: VideoUNet(config, rngs=rngs),
+                        {k: v.numpy().copy() for k, v in ref.state_dict().items()}, rename=UNET_RENAME,
+                        name="random UNetMotionModel")
+    del ref
+    gc.collect()
     graph, state = nnx.split(unet)
+    del unet
     call = jax.jit(lambda st, x, c: nnx.merge(graph, st)(x, 500, c))
     t0 = time.perf_counter()
     compiled = call.lower(state, x, ctx).compile()
@@ -55,6 +64,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         out = np.asarray(jax.block_until_ready(compiled(state, x, ctx)))
         ours_times.append(time.perf_counter() - t0)
+    del state, compiled, call
+    gc.collect()
+    ref = reference()
     xt = torch.from_numpy(x.transpose(0, 4, 1, 2, 3).copy())
     ct = torch.from_numpy(np.repeat(ctx, f, axis=0))
     torch_times = []
