@@ -17,6 +17,7 @@ _LAZY = {
     "TextToVideoPipeline": "vldm_jax.pipelines.text_to_video",
     "TextToImagePipeline": "vldm_jax.pipelines.text_to_image",
     "ImageToVideoPipeline": "vldm_jax.pipelines.image_to_video",
+    "AnimateDiffPipeline": "vldm_jax.pipelines.animatediff",
 }
 
 __all__ = ["UserError", "CheckpointError", "ConfigError", *_LAZY]

@@ -22,6 +22,55 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickle checkpoints (trusted files only)")
 
 
+def _add_animatediff_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("AnimateDiff (with --motion-adapter: --checkpoint is any SD 1.x checkpoint)")
+    g.add_argument("--motion-adapter", default=None, metavar="A",
+                   help="AnimateDiff motion modules: MotionAdapter folder or hub id, or an mm_sd_v15*.safetensors/.ckpt")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA fused at load (motion LoRA or SD 1.5 image LoRA; diffusers/PEFT or kohya); repeatable")
+    g.add_argument("--free-noise", type=int, default=None, metavar="CONTEXT",
+                   help="FreeNoise context windows of CONTEXT frames (stride 4) for videos longer than the window")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder for single-file SD checkpoints")
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle files (trusted files only)")
+
+
+def _parse_loras(values) -> list[tuple[str, float]]:
+    from vldm_jax.checkpoints.lora import parse_lora_arg
+
+    return [parse_lora_arg(v) for v in values]
+
+
+def _generate_animatediff(args, outs) -> int:
+    from vldm_jax.errors import UserError
+    from vldm_jax.io.video import write_video
+    from vldm_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    if args.checkpoint is None:
+        raise UserError("--motion-adapter needs --checkpoint: an SD 1.x checkpoint (folder, single file, hub id)")
+    if args.interpolate not in (None, 1) or args.upscale:
+        raise UserError("--interpolate and --upscale are Video LDM stages; AnimateDiff has neither")
+    if args.free_noise is not None and args.free_noise < 1:
+        raise UserError(f"--free-noise must be at least 1 (got {args.free_noise})")
+    if args.mesh or args.rollout != 1:
+        raise UserError("--mesh and --rollout apply to Video LDM pipelines, not to AnimateDiff (--motion-adapter)")
+    loras = _parse_loras(args.lora)
+    t0 = time.perf_counter()
+    pipe = AnimateDiffPipeline.from_pretrained(args.checkpoint, motion_adapter=args.motion_adapter,
+                                               tokenizer=args.tokenizer, allow_pickle=args.allow_pickle, lora=loras)
+    if args.free_noise is not None:
+        pipe.enable_free_noise(context_length=args.free_noise)
+    videos = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames or 16, height=args.height,
+                  width=args.width, num_inference_steps=args.steps or 25,
+                  guidance_scale=7.5 if args.guidance is None else args.guidance, scheduler=args.scheduler,
+                  seed=args.seed, decode_chunk_size=args.decode_chunk, progress=True)
+    fps = args.fps or 8
+    for out, video in zip(outs, videos):
+        write_video(out, video, fps=fps)
+        print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) in "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vldm", description="Video LDM in JAX: latent diffusion for images and videos.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -67,6 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="windows in all: after the key frames, K-1 prediction windows each continue the newest "
                         "--rollout-context key frames (longer videos; default 1: key frames only)")
     p.add_argument("--rollout-context", type=int, default=1, help="frames each rollout window continues (1 or 2)")
+    _add_animatediff_args(p)
 
     p = sub.add_parser("interpolate", help="insert frames between the frames of a video with a Video LDM "
                                            "interpolation model (x4 or x16)")
@@ -142,6 +192,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temporal", default=None, metavar="FILE",
                    help="temporal layers (.safetensors written by save_temporal) to insert into SRC's image U-Net: "
                         "DST's unet/ is then a video U-Net (paper's transfer to any compatible SD fine-tune)")
+    p.add_argument("--to", default=None, choices=["diffusers-motion-adapter"],
+                   help="diffusers-motion-adapter: SRC is a temporal weights file with AnimateDiff motion modules "
+                        "(training's workdir/temporal.safetensors), a MotionAdapter folder or an mm_sd_v15* file; "
+                        "DST becomes a diffusers MotionAdapter folder")
 
     p = sub.add_parser("train", help="train (or resume) a Video LDM stage from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
@@ -346,6 +400,10 @@ def _cmd_generate(args) -> int:
         raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
     if args.fps is not None and args.fps <= 0:
         raise UserError(f"--fps must be positive (got {args.fps})")
+    if args.motion_adapter is not None:
+        return _generate_animatediff(args, outs)
+    if args.lora or args.free_noise is not None:
+        raise UserError("--lora and --free-noise apply to AnimateDiff (--motion-adapter)")
     mesh = _mesh(args.mesh)
     t0 = time.perf_counter()
     pipe = _load_video_ldm(args.checkpoint)
@@ -421,6 +479,8 @@ def _cmd_convert(args) -> int:
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
     t0 = time.perf_counter()
+    if args.to == "diffusers-motion-adapter":
+        return _convert_motion_adapter(args, t0)
     if args.temporal is not None:
         from vldm_jax.checkpoints.temporal import read_temporal
 
@@ -433,6 +493,23 @@ def _cmd_convert(args) -> int:
         _save_with_temporal(pipe, args.temporal, args.dst)
     print(f"converted {args.src} in {t1 - t0:.1f}s, wrote {args.dst} in {time.perf_counter() - t1:.1f}s",
           file=sys.stderr)
+    return 0
+
+
+def _convert_motion_adapter(args, t0) -> int:
+    from pathlib import Path
+
+    from vldm_jax.checkpoints import animatediff as ad
+    from vldm_jax.errors import UserError
+
+    if args.temporal is not None:
+        raise UserError("--temporal does not apply to --to diffusers-motion-adapter")
+    if Path(args.dst).exists():
+        raise UserError(f"{args.dst} already exists; choose another destination")
+    adapter = ad.read_motion_adapter(args.src, allow_pickle=args.allow_pickle)
+    ad.save_motion_adapter(adapter, args.dst)
+    print(f"wrote the motion adapter {args.dst} ({len(adapter.state_dict)} tensors) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
 

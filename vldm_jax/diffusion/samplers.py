@@ -34,7 +34,7 @@ from vldm_jax.errors import ConfigError
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-SAMPLER_NAMES = ("ddim", "dpm++", "euler")
+SAMPLER_NAMES = ("ddim", "dpm++", "euler", "lcm")
 _ALIASES = {"dpm": "dpm++", "dpmsolver++": "dpm++", "dpm-solver++": "dpm++"}
 
 # Per-call options of diffusers' step() that we make sampler fields, with their defaults.
@@ -42,9 +42,11 @@ _STEP_OPTIONS = {
     "ddim": {"eta": 0.0, "use_clipped_model_output": False},
     "dpm++": {},
     "euler": {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0},
+    # LCMScheduler's own config fields (not in SchedulerConfig): read from the scheduler config dict too.
+    "lcm": {"original_inference_steps": 50, "timestep_scaling": 10.0},
 }
 # diffusers' default timestep_spacing differs per scheduler class.
-_DEFAULT_SPACING = {"ddim": "leading", "dpm++": "linspace", "euler": "linspace"}
+_DEFAULT_SPACING = {"ddim": "leading", "dpm++": "linspace", "euler": "linspace", "lcm": "leading"}
 
 
 @struct.dataclass
@@ -63,7 +65,7 @@ class Sampler:
         Euler, 1 otherwise).
       coefficients: method-specific per-step arrays with leading axis ``N``.
       init_noise_sigma: ``()`` float32 standard deviation of the initial latents.
-      name: ``'ddim'``, ``'dpm++'`` or ``'euler'``.
+      name: ``'ddim'``, ``'dpm++'``, ``'euler'`` or ``'lcm'``.
       prediction_type: ``'epsilon'``, ``'v_prediction'`` or ``'sample'``.
       options: static method options as sorted ``(name, value)`` pairs (hashable).
     """
@@ -395,7 +397,50 @@ def _make_euler(config: SchedulerConfig, spacing: str, n: int, opts: dict) -> di
     )
 
 
-_MAKERS = {"ddim": _make_ddim, "dpm++": _make_dpm, "euler": _make_euler}
+def _make_lcm(config: SchedulerConfig, spacing: str, n: int, opts: dict) -> dict:
+    """diffusers ``LCMScheduler.set_timesteps``: ``n`` timesteps picked at evenly spaced indices (floored) of the
+    distillation schedule ``k - 1, 2k - 1, ..., T - 1`` (``k = T // original_inference_steps``), descending; the
+    boundary-condition scalings ``c_skip``, ``c_out`` of each; fresh noise after every step but the last."""
+    T = config.num_train_timesteps
+    original = int(opts["original_inference_steps"])
+    if original > T:
+        raise ConfigError(f"original_inference_steps {original} exceeds num_train_timesteps {T}")
+    if n > original:
+        raise ConfigError(f"num_inference_steps {n} exceeds the LCM schedule's original_inference_steps {original}")
+    acp = schedules.alphas_cumprod_from_config(config)
+    origin = (np.arange(1, original + 1) * (T // original) - 1)[::-1]
+    timesteps = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+    prev = np.concatenate([timesteps[1:], timesteps[-1:]])
+    # the last step returns the denoised sample itself: no noise, alpha_prev = 1
+    acp_prev = np.concatenate([acp[prev[:-1]], [1.0]]).astype(np.float32)
+    scaled = timesteps.astype(np.float64) * float(opts["timestep_scaling"])
+    c_skip = 0.25 / (scaled**2 + 0.25)  # sigma_data = 0.5
+    c_out = scaled / np.sqrt(scaled**2 + 0.25)
+    final = np.float32(1.0) if config.set_alpha_to_one else acp[0]
+    with np.errstate(divide="ignore"):
+        sigmas = _train_sigmas(np.concatenate([acp[timesteps], [final]]))
+    return dict(
+        timesteps=timesteps.astype(np.int32),
+        sigmas=sigmas,
+        input_scales=np.ones(n, np.float32),
+        coefficients={"alpha_prod_t": acp[timesteps].astype(np.float32), "alpha_prod_t_prev": acp_prev,
+                      "c_skip": c_skip.astype(np.float32), "c_out": c_out.astype(np.float32),
+                      "add_noise": (np.arange(n) < n - 1).astype(np.float32)},
+        init_noise_sigma=np.float32(1.0),
+        options={
+            "original_inference_steps": original,
+            "timestep_scaling": float(opts["timestep_scaling"]),
+            "clip_sample": bool(config.clip_sample),
+            "clip_sample_range": float(config.clip_sample_range),
+            "thresholding": bool(config.thresholding),
+            "dynamic_thresholding_ratio": float(config.dynamic_thresholding_ratio),
+            "sample_max_value": float(config.sample_max_value),
+            "stochastic": n > 1,
+        },
+    )
+
+
+_MAKERS = {"ddim": _make_ddim, "dpm++": _make_dpm, "euler": _make_euler, "lcm": _make_lcm}
 
 
 def make_sampler(
@@ -407,7 +452,9 @@ def make_sampler(
     """Builds the sampler ``name`` for a diffusers scheduler config, as its ``set_timesteps`` would.
 
     Args:
-      name: ``'ddim'``, ``'dpm++'`` (diffusers ``DPMSolverMultistepScheduler``; its
+      name: ``'ddim'``, ``'lcm'`` (diffusers ``LCMScheduler``: few-step latent consistency sampling; its
+        ``original_inference_steps`` and ``timestep_scaling`` come from the config dict or overrides), ``'dpm++'``
+        (diffusers ``DPMSolverMultistepScheduler``; its
         ``algorithm_type`` picks the variant) or ``'euler'`` (``EulerDiscreteScheduler``).
       scheduler_config: a diffusers ``scheduler_config.json`` dict (any scheduler class; the
         fields this sampler knows are used), a :class:`SchedulerConfig`, or None for defaults.
@@ -422,6 +469,8 @@ def make_sampler(
     if int(num_inference_steps) < 1:
         raise ConfigError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     step_options = dict(_STEP_OPTIONS[key])
+    if isinstance(scheduler_config, Mapping):  # scheduler-specific fields of a diffusers config (LCMScheduler's)
+        step_options.update({k: v for k, v in scheduler_config.items() if k in step_options})
     config_overrides = {}
     for k, v in overrides.items():
         if k in step_options:
@@ -520,7 +569,22 @@ def _euler_step(sampler, i, state, out, x, noise):
     return x + derivative * (sigma_next - sigma_hat), state
 
 
-_STEPS = {"ddim": _ddim_step, "dpm++": _dpm_step, "euler": _euler_step}
+def _lcm_step(sampler, i, state, out, x, noise):
+    c = sampler.coefficients
+    a_t, a_prev = c["alpha_prod_t"][i], c["alpha_prod_t_prev"][i]
+    x0, _ = schedules.predict_x0_eps(out, x, a_t**0.5, (1 - a_t) ** 0.5, sampler.prediction_type)
+    if sampler.option("thresholding"):
+        x0 = _threshold(sampler, x0)
+    elif sampler.option("clip_sample"):
+        x0 = jnp.clip(x0, -sampler.option("clip_sample_range"), sampler.option("clip_sample_range"))
+    denoised = c["c_out"][i] * x0 + c["c_skip"][i] * x
+    prev = a_prev**0.5 * denoised
+    if noise is not None:
+        prev = prev + c["add_noise"][i] * (1 - a_prev) ** 0.5 * noise
+    return prev, state
+
+
+_STEPS = {"ddim": _ddim_step, "dpm++": _dpm_step, "euler": _euler_step, "lcm": _lcm_step}
 
 
 def step(
@@ -552,6 +616,8 @@ def output_for_x0(sampler: Sampler, i: jax.Array, latents: jax.Array, x0: jax.Ar
     :func:`step` receives them): how known frames (context frames of prediction and interpolation) are held
     fixed while the others are sampled. Every sampler's step computes its ``x0`` estimate from this output
     exactly (for the stochastic Euler variant, up to the churn noise added inside the step)."""
+    if sampler.name == "lcm":
+        raise ConfigError("known (context) frames are not supported with the LCM sampler")
     c = sampler.coefficients
     x = latents.astype(jnp.float32)
     x0 = x0.astype(jnp.float32)

@@ -3,14 +3,15 @@
 One path filter, :func:`is_temporal_path`, decides it everywhere (optimizer masks, freezing, the small
 temporal checkpoint, the DreamBooth-style swap of spatial weights). A path is temporal when one of its
 names contains ``temporal`` (``temporal_res_block``, ``temporal_transformer_blocks``) or is one of
-``time_mixer`` (the AlphaBlenders' alpha) and ``time_pos_embed`` (SVD's frame-position MLP). Names that
+``time_mixer`` (the AlphaBlenders' alpha), ``time_pos_embed`` (SVD's frame-position MLP) and
+``motion_modules`` (AnimateDiff's motion modules, under diffusers' name). Names that
 merely start with ``time`` are spatial: ``time_embedding`` (the timestep MLP) and ``time_emb_proj`` of a
 2D resnet belong to the image model. SVD's ``add_embedding`` (fps / motion / noise-augmentation
 conditioning) is spatial too: it is trained with the whole model and an image checkpoint lacks it.
 
 An image U-Net's parameters map into the video U-Net by one rename: a 2D resnet becomes the
 ``spatial_res_block`` of its spatio-temporal pair (:data:`IMAGE_TO_VIDEO_UNET_RENAME`); every other
-name is kept.
+name is kept. A U-Net with AnimateDiff motion modules keeps every image name (no rename).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flax import nnx
 
 from vldm_jax.errors import CheckpointError
 
-TEMPORAL_NAMES = ("time_mixer", "time_pos_embed")
+TEMPORAL_NAMES = ("time_mixer", "time_pos_embed", "motion_modules")
 
 # Torch keys (``down_blocks.0.resnets.1.conv1.weight``) and our dotted NNX paths alike.
 IMAGE_TO_VIDEO_UNET_RENAME = ((r"(.*\bresnets\.\d+)\.(.+)", r"\1.spatial_res_block.\2"),)
@@ -94,6 +95,13 @@ def image_to_video_key(key: str) -> str:
         if m:
             return m.expand(replacement)
     return key
+
+
+def _image_key_fn(config):
+    """The image -> video key rename for a video config: none for AnimateDiff motion modules."""
+    if getattr(config, "temporal_layer_type", "spatio_temporal") == "motion_module":
+        return lambda key: key
+    return image_to_video_key
 
 
 def _split_key(key: str) -> tuple:
@@ -180,7 +188,8 @@ def transplant_spatial(image, config, *, model_cls, seed: int = 0, dtype=jnp.flo
         graphdef, abstract_state = abstract_video_unet(model_cls, config, dtype, remat)
     except TypeError:  # an unhashable remat policy: no caching
         graphdef, abstract_state = abstract_video_unet.__wrapped__(model_cls, config, dtype, remat)
-    arrays = {_split_key(image_to_video_key(_join(p))): a for p, a in flat_arrays(image).items()}
+    rename = _image_key_fn(config)
+    arrays = {_split_key(rename(_join(p))): a for p, a in flat_arrays(image).items()}
     temporal = init_temporal(model_cls, config, dtype=dtype, seed=seed)
     clash = [p for p in temporal if p in arrays]
     if clash:
@@ -193,7 +202,8 @@ def replace_spatial(video: nnx.Module, image) -> nnx.Module:
     """A copy of ``video`` with the spatial weights of another compatible image U-Net (DreamBooth transfer);
     temporal parameters are kept (the same arrays)."""
     graphdef, state = nnx.split(video)
-    arrays = {_split_key(image_to_video_key(_join(p))): a for p, a in flat_arrays(image).items()}
+    rename = _image_key_fn(video.config)
+    arrays = {_split_key(rename(_join(p))): a for p, a in flat_arrays(image).items()}
     arrays.update(flat_arrays(state, temporal_filter))
     return merge_parts(graphdef, state, arrays, name="image U-Net")
 

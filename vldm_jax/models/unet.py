@@ -37,7 +37,7 @@ from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
 from vldm_jax.parallel.activations import videos_per_call
 from vldm_jax.nn.temporal import (CONTEXT_CONDITIONINGS, FRAME_POSITION_ENCODINGS, MERGE_STRATEGIES,
-                                  SpatioTemporalResBlock, TemporalContextEncoder, context_input, zero_init_layer,
+                                  MotionModule, SpatioTemporalResBlock, TemporalContextEncoder, context_input, zero_init_layer,
                                   TransformerSpatioTemporalModel, fold_frames, unfold_frames)
 
 IntOrTuple = Any  # int | tuple[int, ...] (| tuple[tuple[int, ...], ...] for transformer layers)
@@ -540,6 +540,11 @@ def remat_policy(value: str | bool | Callable) -> bool | Callable:
     return value
 
 
+# "spatio_temporal": Video LDM / SVD layers (3D-conv resnets, temporal attention, AlphaBlenders);
+# "motion_module": AnimateDiff motion modules (a temporal transformer after every spatial layer pair, plain residual).
+TEMPORAL_LAYER_TYPES = ("spatio_temporal", "motion_module")
+
+
 @dataclasses.dataclass(frozen=True)
 class TemporalConfig:
     """Settings of the temporal layers. The defaults reproduce Stable Video Diffusion; :meth:`paper` gives
@@ -561,6 +566,13 @@ class TemporalConfig:
     difference (the direction of motion) is not averaged away by 70 padding states. The spatial layers
     always see the whole context.
 
+    ``temporal_layer_type``: ``"spatio_temporal"`` (the layers above) or ``"motion_module"`` (AnimateDiff: the
+    spatial resnets and transformers stay as in the image U-Net, under the same names, and a motion module
+    (:class:`~vldm_jax.nn.temporal.MotionModule`) follows every down/up layer and each mid-block transformer;
+    stored under ``motion_modules``). The ``motion_*`` fields and ``use_motion_mid_block`` are diffusers'
+    ``MotionAdapter`` fields (heads and transformer layers per down block, reversed for the up blocks, the
+    last for the mid block; ``motion_max_seq_length`` is the longest frame window).
+
     ``context_conditioning``: how context frames (prediction, interpolation) reach the model: ``"none"``;
     ``"temporal"`` (the paper: masked context latents and the mask, through a learned downsampling
     (:class:`~vldm_jax.nn.temporal.TemporalContextEncoder`), added to the inputs of the temporal layers at
@@ -578,9 +590,23 @@ class TemporalConfig:
     merge_factor: float = 0.5
     context_conditioning: str = "none"
     temporal_context_length: int | None = None
+    temporal_layer_type: str = "spatio_temporal"
+    motion_num_attention_heads: int | tuple[int, ...] = 8
+    motion_max_seq_length: int = 32
+    use_motion_mid_block: bool = True
+    motion_transformer_layers_per_block: int | tuple[int, ...] = 1
+    motion_transformer_layers_per_mid_block: int = 1
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.temporal_layer_type not in TEMPORAL_LAYER_TYPES:
+            raise ConfigError(f"{name}: temporal_layer_type {self.temporal_layer_type!r} is not one of "
+                              f"{', '.join(TEMPORAL_LAYER_TYPES)}")
+        for field in ("motion_num_attention_heads", "motion_transformer_layers_per_block"):
+            if isinstance(getattr(self, field), list):
+                object.__setattr__(self, field, tuple(getattr(self, field)))
+        if self.motion_max_seq_length < 1:
+            raise ConfigError(f"{name}: motion_max_seq_length must be positive, got {self.motion_max_seq_length}")
         n = self.temporal_context_length
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ConfigError(f"{name}: temporal_context_length must be a positive number of tokens or null, "
@@ -647,6 +673,12 @@ class VideoUNetConfig(TemporalConfig, UNet2DConditionConfig):
         UNet2DConditionConfig.__post_init__(self)
         TemporalConfig.__post_init__(self)
         remat_policy(self.remat_policy)
+        if self.temporal_layer_type == "motion_module":
+            types = (*self.down_block_types, *self.up_block_types, self.mid_block_type or "")
+            if any("SpatioTemporal" in t for t in types) or self.use_added_time_ids \
+                    or self.context_conditioning != "none":
+                raise ConfigError(f"{type(self).__name__}: motion modules go into an SD-style U-Net "
+                                  "(2D block types, no added time ids, no context conditioning)")
         if self.use_added_time_ids and (self.addition_time_embed_dim is None
                                         or self.projection_class_embeddings_input_dim is None):
             raise ConfigError(f"{type(self).__name__}: added time ids need addition_time_embed_dim and "
@@ -709,9 +741,17 @@ class _VideoLayers:
         self.temporal = temporal
         super().__init__(*args, **kwargs)
 
+    @property
+    def _motion(self) -> bool:
+        return self.temporal.temporal_layer_type == "motion_module"
+
     def _make_resnet(self, in_channels, out_channels, *, temb_channels, eps, groups, time_scale_shift,
                      output_scale_factor=1.0, rngs, dtype):
         t = self.temporal
+        if self._motion:  # AnimateDiff: the image resnet as is; motion modules are added by the VideoUNet
+            return super()._make_resnet(in_channels, out_channels, temb_channels=temb_channels, eps=eps,
+                                        groups=groups, time_scale_shift=time_scale_shift,
+                                        output_scale_factor=output_scale_factor, rngs=rngs, dtype=dtype)
         return SpatioTemporalResBlock(in_channels, out_channels, temb_channels=temb_channels,
                                       eps=self.resnet_eps or eps, groups=groups, time_embedding_norm=time_scale_shift,
                                       output_scale_factor=output_scale_factor, kernel=tuple(t.temporal_kernel_size),
@@ -721,6 +761,11 @@ class _VideoLayers:
     def _make_attention(self, channels, *, heads, num_layers, cross_attention_dim, groups, use_linear_projection,
                         upcast_attention, rngs, dtype):
         t = self.temporal
+        if self._motion:
+            return super()._make_attention(channels, heads=heads, num_layers=num_layers,
+                                           cross_attention_dim=cross_attention_dim, groups=groups,
+                                           use_linear_projection=use_linear_projection,
+                                           upcast_attention=upcast_attention, rngs=rngs, dtype=dtype)
         return TransformerSpatioTemporalModel(
             heads, channels // heads, channels, num_layers=num_layers, cross_attention_dim=cross_attention_dim,
             norm_num_groups=groups, use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
@@ -729,11 +774,23 @@ class _VideoLayers:
             merge_strategy=t.merge_strategy, temporal_context_length=t.temporal_context_length,
             rngs=rngs, dtype=dtype)
 
+    # AnimateDiff's motion module ``j`` follows layer pair ``j``: after the resnet in a block without attention,
+    # after the transformer otherwise (in the mid block: between transformer j and resnet j + 1).
+    motion_modules = None
+
     def _resnet(self, j, x, temb, *, num_frames, image_only_indicator, context_features=()):
+        if self._motion:
+            x = self.resnets[j](x, temb)
+            if not getattr(self, "has_attention", True) and self.motion_modules is not None:
+                x = self.motion_modules[j](x, num_frames=num_frames)
+            return x
         return self.resnets[j](x, temb, num_frames=num_frames, image_only_indicator=image_only_indicator,
                                context_features=context_features)
 
     def _attention(self, j, x, context, *, num_frames, image_only_indicator, context_features=()):
+        if self._motion:
+            x = self.attentions[j](x, context)
+            return self.motion_modules[j](x, num_frames=num_frames) if self.motion_modules is not None else x
         return self.attentions[j](x, context, num_frames=num_frames, image_only_indicator=image_only_indicator,
                                   context_features=context_features)
 
@@ -817,6 +874,32 @@ class VideoUNet(UNet2DConditionModel):
                                 padding=(c.conv_in_kernel - 1) // 2, rngs=rngs, dtype=dtype)
             zero_init_layer(context_in)
         self.temporal_context_in = context_in
+        if c.temporal_layer_type == "motion_module":
+            self._add_motion_modules(rngs, dtype)
+
+    def _add_motion_modules(self, rngs, dtype) -> None:
+        """AnimateDiff: a :class:`MotionModule` per layer of every down/up block (``motion_modules[j]``) and per
+        mid-block transformer, with diffusers' ``UNetMotionModel`` head and layer counts (config ``motion_*``)."""
+        c = self.config
+        n = len(c.block_out_channels)
+        heads = _per_layer(c.motion_num_attention_heads, n)
+        layers = c.motion_transformer_layers_per_block
+        layers = tuple(layers) if isinstance(layers, (tuple, list)) else (layers,) * n
+
+        def modules(block, channels, heads, num_layers, count):
+            per = _per_layer(num_layers, count)
+            block.motion_modules = nnx.List([
+                MotionModule(channels, heads, num_layers=per[j], norm_num_groups=c.norm_num_groups,
+                             max_seq_length=c.motion_max_seq_length, upcast_attention=c.upcast_attention,
+                             rngs=rngs, dtype=dtype) for j in range(count)])
+
+        for i, block in enumerate(self.down_blocks):
+            modules(block, c.block_out_channels[i], heads[i], layers[i], len(block.resnets))
+        for i, block in enumerate(self.up_blocks):
+            modules(block, c.block_out_channels[::-1][i], heads[::-1][i], layers[::-1][i], len(block.resnets))
+        if self.mid_block is not None and c.use_motion_mid_block:
+            modules(self.mid_block, c.block_out_channels[-1], heads[-1], c.motion_transformer_layers_per_mid_block,
+                    len(self.mid_block.attentions))
 
     def _block_kwargs(self) -> dict:
         return {"temporal": self.config.temporal}

@@ -387,3 +387,146 @@ class TemporalContextEncoder(nnx.Module):
             h = jax.nn.silu(conv(h))
             features.append(proj(h))
         return tuple(features)
+
+
+# --------------------------------------------------------------------------------- AnimateDiff motion modules
+
+def sinusoidal_positions(max_seq_length: int, dim: int) -> jax.Array:
+    """``(1, max_seq_length, dim)`` float32: sin at even channels, cos at odd ones, frequencies
+    ``10000 ** (-2k / dim)`` (the frame positions AnimateDiff adds before each temporal attention)."""
+    pos = jnp.arange(max_seq_length, dtype=jnp.float32)[:, None]
+    freq = jnp.exp(jnp.arange(0, dim, 2, dtype=jnp.float32) * (-jnp.log(10000.0) / dim))
+    table = jnp.zeros((max_seq_length, dim), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(pos * freq)).at[:, 1::2].set(jnp.cos(pos * freq))
+    return table[None]
+
+
+class FramePositions(nnx.Module):
+    """The stored table of frame positions ``pe (1, max_seq_length, dim)`` (a checkpoint buffer, not trained)."""
+
+    def __init__(self, dim: int, max_seq_length: int):
+        self.pe = Buffer(sinusoidal_positions(max_seq_length, dim))
+
+    def __call__(self, num_frames: int, dtype):
+        if num_frames > self.pe.shape[1]:
+            raise ConfigError(f"{num_frames} frames exceed the motion module's window of {self.pe.shape[1]} "
+                              "(motion_max_seq_length); use context windows (FreeNoise) for longer videos")
+        return self.pe[...][:, :num_frames].astype(dtype)
+
+
+FREE_NOISE_WEIGHTINGS = ("flat", "pyramid", "delayed_reverse_sawtooth")
+
+
+def free_noise_frame_weights(context_length: int, weighting_scheme: str) -> list[float]:
+    """FreeNoise's per-frame weights of one window (diffusers' ``flat``, ``pyramid``,
+    ``delayed_reverse_sawtooth``)."""
+    n = context_length
+    if weighting_scheme == "flat":
+        return [1.0] * n
+    half = n // 2 if n % 2 == 0 else (n + 1) // 2
+    if weighting_scheme == "pyramid":
+        rise = list(range(1, half + 1)) if n % 2 == 0 else list(range(1, half))
+        return [float(w) for w in (rise + rise[::-1] if n % 2 == 0 else rise + [half] + rise[::-1])]
+    if weighting_scheme == "delayed_reverse_sawtooth":
+        head = [0.01] * (half - 1) + [half] if n % 2 == 0 else [0.01] * half
+        return [float(w) for w in head + list(range(half, 0, -1))]
+    raise ConfigError(f"unknown FreeNoise weighting {weighting_scheme!r}; choose one of {FREE_NOISE_WEIGHTINGS}")
+
+
+def free_noise_windows(num_frames: int, context_length: int, context_stride: int, weighting_scheme: str):
+    """The static windows of FreeNoise over ``num_frames``: ``(start, end, value_weights, count_weights)``.
+
+    Windows of ``context_length`` frames every ``context_stride`` frames; when they do not reach the last frame,
+    one more window ends there and only its frames past the previous windows accumulate. As in diffusers, that
+    last window's frames are counted with the single weight of its first new frame (its ``count_weights``), which
+    is what makes our frames match diffusers' ``enable_free_noise`` exactly."""
+    if num_frames < context_length:
+        raise ConfigError(f"FreeNoise needs at least context_length={context_length} frames, got {num_frames}")
+    w = free_noise_frame_weights(context_length, weighting_scheme)
+    windows = [(s, s + context_length, tuple(w), tuple(w))
+               for s in range(0, num_frames - context_length + 1, context_stride)]
+    covered = windows[-1][1]
+    if covered != num_frames:
+        rest = num_frames - covered
+        head = [0.0] * (context_length - rest)
+        windows.append((num_frames - context_length, num_frames, tuple(head + w[-rest:]),
+                        tuple(head + [w[-rest]] * rest)))
+    return tuple(windows)
+
+
+class MotionTransformerBlock(nnx.Module):
+    """One block of an AnimateDiff temporal transformer on frame sequences ``(N, F, C)``: two self-attentions
+    across frames (diffusers' ``double_self_attention``), each fed its LayerNorm'd input plus the sinusoidal
+    frame positions, then a GEGLU feed-forward; every branch residual. No cross-attention: the text reaches
+    motion only through the spatial layers."""
+
+    def __init__(self, dim: int, heads: int, max_seq_length: int, *, upcast_attention: bool = False,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        attn = dict(heads=heads, dim_head=dim // heads, upcast_attention=upcast_attention, rngs=rngs, dtype=dtype)
+        self.norm1 = LayerNorm(dim, rngs=rngs)
+        self.attn1 = Attention(dim, **attn)
+        self.norm2 = LayerNorm(dim, rngs=rngs)
+        self.attn2 = Attention(dim, **attn)
+        self.norm3 = LayerNorm(dim, rngs=rngs)
+        self.ff = FeedForward(dim, activation_fn="geglu", rngs=rngs, dtype=dtype)
+        self.pos_embed = FramePositions(dim, max_seq_length)
+        # FreeNoise: (context_length, context_stride, weighting_scheme), or None (see set_free_noise)
+        self.free_noise = None
+
+    def _attend(self, x):
+        pos = self.pos_embed(x.shape[1], x.dtype)
+        x = x + self.attn1(self.norm1(x) + pos)
+        return x + self.attn2(self.norm2(x) + pos)
+
+    def __call__(self, x):
+        if self.free_noise is None:
+            x = self._attend(x)
+        else:  # FreeNoise: both attentions per window of frames, blended per frame by the windows' weights
+            total = jnp.zeros(x.shape, jnp.float32)
+            count = jnp.zeros((x.shape[1],), jnp.float32)
+            for start, end, values, counts in free_noise_windows(x.shape[1], *self.free_noise):
+                out = self._attend(x[:, start:end]).astype(jnp.float32)
+                total = total.at[:, start:end].add(out * jnp.asarray(values, jnp.float32)[None, :, None])
+                count = count.at[start:end].add(jnp.asarray(counts, jnp.float32))
+            count = count[None, :, None]
+            x = jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), total).astype(x.dtype)
+        return x + self.ff(self.norm3(x))
+
+
+def set_free_noise(module: nnx.Module, free_noise: tuple[int, int, str] | None) -> None:
+    """Turns FreeNoise's context windows on (``(context_length, context_stride, weighting_scheme)``) or off
+    (None) in every motion-module transformer block of ``module``. A static setting: split the module again."""
+    for _, block in nnx.iter_graph(module):
+        if isinstance(block, MotionTransformerBlock):
+            block.free_noise = None if free_noise is None else tuple(free_noise)
+
+
+class MotionModule(nnx.Module):
+    """An AnimateDiff motion module (diffusers ``AnimateDiffTransformer3D``): GroupNorm with statistics over
+    all frames of a video, ``proj_in``, ``num_layers`` :class:`MotionTransformerBlock` over frames,
+    ``proj_out``, plus the input (a plain residual, no AlphaBlender).
+
+    Folded frames ``(B*F, H, W, C)`` -> ``(B*F, H, W, C)``. ``zero_init`` zeroes ``proj_out`` so that a fresh
+    module is the identity (AnimateDiff's insertion into a frozen image model)."""
+
+    def __init__(self, channels: int, heads: int, *, num_layers: int = 1, norm_num_groups: int = 32,
+                 max_seq_length: int = 32, upcast_attention: bool = False, zero_init: bool = True,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        if channels % heads:
+            raise ConfigError(f"motion module: {channels} channels do not divide into {heads} heads")
+        self.norm = GroupNorm(norm_num_groups, channels, eps=1e-6, rngs=rngs)
+        self.proj_in = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List([
+            MotionTransformerBlock(channels, heads, max_seq_length, upcast_attention=upcast_attention,
+                                   rngs=rngs, dtype=dtype) for _ in range(num_layers)])
+        self.proj_out = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+        if zero_init:
+            zero_init_layer(self.proj_out)
+
+    def __call__(self, x, *, num_frames: int):
+        _, h, w, _ = x.shape
+        normed = fold_frames(self.norm(unfold_frames(x, num_frames)).astype(x.dtype))
+        seqs = self.proj_in(to_frame_tokens(normed, num_frames))
+        for block in self.transformer_blocks:
+            seqs = block(seqs)
+        return from_frame_tokens(self.proj_out(seqs), num_frames, h, w) + x

@@ -48,6 +48,9 @@ class ModelConfig:
     remat: str = "none"
     # Which U-Net parameters train: 'temporal' (Video LDM), 'all', or a regex searched in the dotted path.
     trainable: str = "temporal"
+    # objective.name animatediff: motion modules to fine-tune (MotionAdapter folder or hub id, mm_sd_v15* file);
+    # null trains new ones (zero-initialised proj_out: the video model starts as the image model).
+    motion_adapter: str | None = None
 
 
 @dataclasses.dataclass

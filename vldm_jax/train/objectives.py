@@ -412,6 +412,7 @@ SETUP_BUILDERS: dict[str, str] = {
     "prediction": "vldm_jax.train.context_objectives:build_prediction_setup",
     "interpolation": "vldm_jax.train.context_objectives:build_interpolation_setup",
     "upsampler": "vldm_jax.train.upsampler_objective:build_upsampler_setup",
+    "animatediff": "vldm_jax.train.animatediff_objective:build_animatediff_setup",
 }
 
 
