@@ -425,7 +425,7 @@ def motion_adapter_from_temporal_file(path: str | os.PathLike) -> MotionAdapterW
 def save_motion_adapter(adapter: MotionAdapterWeights, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Writes a diffusers MotionAdapter folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
     atomically: built under a temporary name beside ``dst``, then renamed."""
-    from vldm_jax.checkpoints.load import write_safetensors
+    from vldm_jax.checkpoints.safetensors_io import write_safetensors
     from vldm_jax.checkpoints.store import atomic_folder
 
     dst = Path(dst)
@@ -438,7 +438,7 @@ def save_motion_adapter(adapter: MotionAdapterWeights, dst: str | os.PathLike, *
 
 def save_original_motion_module(adapter: MotionAdapterWeights, path: str | os.PathLike) -> Path:
     """Writes the motion modules in the original AnimateDiff single-file layout (``.safetensors``)."""
-    from vldm_jax.checkpoints.load import write_safetensors
+    from vldm_jax.checkpoints.safetensors_io import write_safetensors
 
     out = {}
     for key, value in adapter.state_dict.items():
