@@ -9,13 +9,16 @@ replayed first on every later run. Set ``HYPOTHESIS_PROFILE=hardening-long`` for
 import os
 from pathlib import Path
 
-from hypothesis import HealthCheck, seed, settings
+from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 DB = DirectoryBasedExampleDatabase(str(Path(__file__).parent / ".hypothesis-db"))
 _COMMON = dict(database=DB, deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
+# Debugging a parser: HARDENING_NO_SHRINK=1 reports failures unshrunk (shrinking many distinct ones takes minutes).
+if os.environ.get("HARDENING_NO_SHRINK"):
+    _COMMON["phases"] = [Phase.explicit, Phase.reuse, Phase.generate]
 settings.register_profile("hardening", max_examples=60, **_COMMON)
 settings.register_profile("hardening-long", derandomize=False, max_examples=600, **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "hardening")

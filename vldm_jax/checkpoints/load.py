@@ -7,6 +7,7 @@ caller passes ``allow_pickle=True`` and are then read with ``torch.load(weights_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -23,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from vldm_jax.errors import CheckpointError
+from vldm_jax.errors import CheckpointError, ConfigError
 from vldm_jax.models.config import config_from_dict, read_config_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -293,11 +294,11 @@ def class_name_of(config: Mapping[str, Any]) -> str | None:
     if "_class_name" in config:
         return config["_class_name"]
     archs = config.get("architectures") or []
-    return archs[0] if archs else None
+    return archs[0] if isinstance(archs, list) and archs else None
 
 
 def family_of(class_name: str | None, where: Any) -> Family:
-    if class_name not in FAMILIES:
+    if not isinstance(class_name, str) or class_name not in FAMILIES:
         raise CheckpointError(f"{where}: unsupported model class {class_name!r} "
                               f"(supported: {', '.join(sorted(FAMILIES))})")
     return FAMILIES[class_name]
@@ -341,4 +342,26 @@ def load_model(path: str | os.PathLike, *, subfolder: str | None = None, allow_p
     cls = class_name_of(config)
     family_of(cls, config_path)
     state_dict = find_folder_weights(folder, allow_pickle=allow_pickle, variant=variant)
-    return build_from_state_dict(cls, config, state_dict, dtype=dtype, param_dtype=param_dtype, name=str(folder))
+    with config_errors_name(config_path, cls):
+        return build_from_state_dict(cls, config, state_dict, dtype=dtype, param_dtype=param_dtype, name=str(folder))
+
+
+# What building a module from a config that does not describe one raises (a zero, a null, a string where a size
+# belongs): the file is at fault, not the code, and the user gets one line naming it.
+_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+@contextlib.contextmanager
+def config_errors_name(config_path: Any, class_name: Any):
+    """Turns errors of building ``class_name`` from the config in ``config_path`` into one-line ConfigErrors
+    that name the file (weights that do not fit stay CheckpointErrors, which name the folder)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+    except _BUILD_ERRORS as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"{config_path}: the config does not describe a valid {class_name} "
+                          f"({type(e).__name__}: {msg})") from None

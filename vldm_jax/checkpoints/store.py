@@ -25,7 +25,7 @@ from flax import nnx
 
 from vldm_jax.checkpoints.convert import abstract_module, merge_arrays
 from vldm_jax.checkpoints.load import read_safetensors, write_safetensors
-from vldm_jax.errors import CheckpointError, UserError
+from vldm_jax.errors import CheckpointError, ConfigError, UserError
 from vldm_jax.models.config import config_from_dict, config_to_dict
 
 FORMAT_VERSION = 1
@@ -83,16 +83,21 @@ def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Modul
     """Loads a folder written by :func:`save_module`."""
     from vldm_jax.checkpoints.load import family_of
 
+    from vldm_jax.checkpoints.load import config_errors_name
+    from vldm_jax.models.config import read_config_file
+
     folder = Path(folder)
-    with open(folder / "vldm_config.json") as f:
-        meta = json.load(f)
+    meta = read_config_file(folder / "vldm_config.json")
     if meta.get("format") != "vldm_jax" or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder}: unknown vldm_jax format {meta.get('format')} v{meta.get('version')}")
-    fam = family_of(meta["_class_name"], folder)
+    fam = family_of(meta.get("_class_name"), folder)
     mod = importlib.import_module(fam.module)
-    config = config_from_dict(getattr(mod, fam.config_cls), meta["config"])
-    model_cls = getattr(mod, fam.model_cls)
-    graphdef, abstract_state = abstract_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype))
+    with config_errors_name(folder / "vldm_config.json", meta.get("_class_name")):
+        if not isinstance(meta.get("config"), dict):
+            raise ConfigError("'config' is not a JSON object")
+        config = config_from_dict(getattr(mod, fam.config_cls), meta["config"])
+        model_cls = getattr(mod, fam.model_cls)
+        graphdef, abstract_state = abstract_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype))
     stored = read_safetensors(folder / "params.safetensors")
     arrays, problems = {}, []
     for path, var in nnx.to_flat_state(abstract_state):

@@ -31,6 +31,10 @@ def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...], *, ove
         raise UserError(f"{path}: folder {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another name or pass --overwrite")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: folder {path.parent} is not writable")
     return path
 
 

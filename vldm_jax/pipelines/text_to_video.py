@@ -53,6 +53,20 @@ def default_checkpoint() -> Path:
     return DEFAULT_MODEL
 
 
+def _check_index(index: dict, path: Path) -> None:
+    """The fields of a Video LDM ``model_index.json``, checked before any component loads."""
+    for part in (*_MODEL_PARTS, "tokenizer", "scheduler", "upsampler"):
+        entry = index.get(part)
+        if entry is not None and not (isinstance(entry, list) and len(entry) == 2
+                                      and all(isinstance(x, str) for x in entry)):
+            raise CheckpointError(f"{path}: {part} must be null or [library, class] (got {entry!r})")
+    clip_skip = index.get("_vldm_clip_skip", 0)
+    if type(clip_skip) is not int or clip_skip < 0:
+        raise CheckpointError(f"{path}: _vldm_clip_skip must be a non-negative integer (got {clip_skip!r})")
+    if not isinstance(index.get("_vldm_defaults", {}), dict):
+        raise CheckpointError(f"{path}: _vldm_defaults must be an object (got {index['_vldm_defaults']!r})")
+
+
 class TextToVideoPipeline:
     """Video LDM text-to-video (and image animation, video interpolation) from a pipeline folder."""
 
@@ -85,6 +99,7 @@ class TextToVideoPipeline:
         if not index_path.exists():
             raise CheckpointError(f"{folder}: no model_index.json (not a pipeline folder)")
         index = read_config_file(index_path)
+        _check_index(index, index_path)
         for part in ("unet", "vae", "text_encoder", "scheduler"):
             if not index.get(part) or not (folder / part).is_dir():
                 raise CheckpointError(f"{folder}: pipeline has no {part}/ component")
@@ -201,6 +216,8 @@ class TextToVideoPipeline:
         guidance = self.default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         interp_guidance = self.default("interpolation_guidance_scale", guidance)
         self._check_common(steps, scheduler, interpolate)
+        if upscale and self.upsampler is None:  # before any work, not after the denoising
+            raise UserError("this pipeline has no upsampler (drop upscale)")
         if num_frames is None:
             num_frames = self.default("num_frames", getattr(self.unet.config, "num_frames", 8))
         if num_frames < 1:
@@ -247,6 +264,8 @@ class TextToVideoPipeline:
         window's context."""
         if self.predictor is None:
             raise UserError("this pipeline has no prediction model (cannot animate images)")
+        if upscale and self.upsampler is None:
+            raise UserError("this pipeline has no upsampler (drop upscale)")
         interpolate = self.default("interpolate", 1) if interpolate is None else interpolate
         frames = [image] if np.asarray(image).ndim == 3 else list(image)
         if not 1 <= len(frames) <= 2:
