@@ -8,6 +8,17 @@ import pytest
 from vldm_jax import cli
 
 
+@pytest.fixture(scope="module")
+def bundled():
+    return cli._load_video_ldm(None)
+
+
+@pytest.fixture(autouse=True)
+def _load_once(monkeypatch, bundled):
+    # The real bundled pipeline, loaded once for the module (loading is not the work these tests are about).
+    monkeypatch.setattr(cli, "_load_video_ldm", lambda checkpoint: bundled)
+
+
 def _run(argv, capsys):
     rc = cli.main(argv)
     err = capsys.readouterr().err
@@ -17,7 +28,7 @@ def _run(argv, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--upscale"], "has no upsampler"),
     (["--interpolate", "4", "--frames", "1"], "needs at least 2 keyframes"),
-    (["--height", "60"], "multiples of"),
+    (["--height", "62"], "multiples of"),
     (["--scheduler", "nope"], "unknown --scheduler"),
     (["--out", "{tmp}/x.avi"], "unsupported output format"),
     (["--out", "{tmp}/missing/x.gif"], "does not exist"),
