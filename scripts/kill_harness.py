@@ -96,7 +96,8 @@ class VideoWriter(Writer):
 
     def frames(self, version):
         v = self.np.zeros((8, 96, 96, 3), self.np.uint8)
-        v[..., 0] = (version * 16) % 256
+        v[..., 0] = version % 256
+        v[..., 1] = self.np.arange(8)[:, None, None] * 20  # distinct frames (a GIF merges identical ones)
         return v
 
     def write(self, version):
@@ -109,7 +110,7 @@ class VideoWriter(Writer):
 
         frames, _ = read_video(self.folder / "out.gif")
         assert frames.shape == (8, 96, 96, 3), frames.shape
-        version = int(frames[0, 0, 0, 0]) // 16
+        version = int(frames[0, 0, 0, 0])
         assert (frames == self.frames(version)).all(), "video content does not match any version"
         return version
 
@@ -196,7 +197,7 @@ class ConvertWriter(Writer):
         for part in ("unet", "interpolator", "vae", "text_encoder"):
             read_config_file(dst / part / "vldm_config.json")
             arrays = read_safetensors(dst / part / "params.safetensors")
-            assert arrays and all(a.size == 0 or a.reshape(-1)[-1] == a.reshape(-1)[-1] or True for a in arrays.values())
+            assert arrays, f"{part}: no tensors"
             for a in arrays.values():
                 a.sum()  # every byte readable
         read_config_file(dst / "scheduler" / "scheduler_config.json")
