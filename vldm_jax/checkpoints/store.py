@@ -39,19 +39,46 @@ def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False):
         raise UserError(f"{dst} already exists; choose another destination")
     if not dst.parent.exists():
         raise UserError(f"folder {dst.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    from vldm_jax.io.video import remove_stale_temporaries
+
+    for kind in ("partial", "old"):  # what writers killed before us left behind
+        remove_stale_temporaries(dst.parent, f".{dst.name}.{kind}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     try:
         yield tmp
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, dst):  # one atomic step: dst is never absent
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
+    except OSError as e:  # a full disk or quota while writing: one line, the partial folder removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {dst}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable. Replacing
+    a folder by two renames leaves a moment with no folder under the name, and a kill there loses it."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def class_name_of_module(module: nnx.Module) -> str:

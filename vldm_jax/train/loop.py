@@ -168,7 +168,9 @@ class Checkpoints:
         self.ocp = ocp
         self.directory = directory
         # The loop decides when to save (every N steps, at the end, on SIGTERM) and always forces the save.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        # cleanup_tmp_directories: a save killed mid-write leaves an orbax tmp folder, removed when a run starts.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
     @staticmethod
