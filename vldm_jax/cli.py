@@ -247,8 +247,13 @@ def _cmd_txt2img(args) -> int:
         raise UserError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1 (got {args.steps})")
+    _check_positive(("--height", args.height), ("--width", args.width))
     t0 = time.perf_counter()
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
+    f = pipe.vae_scale_factor
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % f:  # against the loaded model, before the first denoising step
+            raise UserError(f"{name} must be a multiple of {f} for this model (got {value})")
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     images = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
@@ -388,25 +393,52 @@ def _animate_video_ldm(args, image, out, mesh) -> int:
     return _write_generated(out, video, pipe, args, t0)
 
 
-def _cmd_generate(args) -> int:
+def _validate_generate(args, pipe=None) -> None:
+    """Every error a user can cause in ``vldm generate``, found before the first denoising step: the request
+    alone (before the model load), then against the loaded pipeline (``pipe``): options it cannot serve
+    (``--upscale`` without an upsampler, interpolation without an interpolation model), sizes, frame counts."""
+    from vldm_jax.diffusion.samplers import SAMPLER_NAMES
     from vldm_jax.errors import UserError
     from vldm_jax.io.video import VIDEO_SUFFIXES
     from vldm_jax.pipelines.text_to_video import INTERPOLATE_CHOICES
 
+    if pipe is None:
+        _output_paths(args.out, len(args.prompt), VIDEO_SUFFIXES, args.overwrite)
+        _check_positive(("--frames", args.frames), ("--steps", args.steps), ("--decode-chunk", args.decode_chunk),
+                        ("--height", args.height), ("--width", args.width))
+        if args.interpolate is not None and args.interpolate not in INTERPOLATE_CHOICES:
+            raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
+        if args.fps is not None and args.fps <= 0:
+            raise UserError(f"--fps must be positive (got {args.fps})")
+        if args.scheduler not in SAMPLER_NAMES:
+            raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        if args.motion_adapter is None and (args.lora or args.free_noise is not None):
+            raise UserError("--lora and --free-noise apply to AnimateDiff (--motion-adapter)")
+        return
+    name = args.checkpoint or "the bundled model"
+    if args.upscale and pipe.upsampler is None:
+        raise UserError(f"--upscale: {name} has no upsampler (drop --upscale)")
+    factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
+    if factor != 1 and pipe.interpolator is None:
+        raise UserError(f"--interpolate {factor}: {name} has no interpolation model (use --interpolate 1)")
+    frames = args.frames if args.frames is not None else pipe.default(
+        "num_frames", getattr(pipe.unet.config, "num_frames", 8))
+    if factor != 1 and frames < 2:
+        raise UserError(f"--interpolate {factor} needs at least 2 keyframes (got --frames {frames})")
+    pipe._size(args.height, args.width)  # positive multiples of the VAE factor
+
+
+def _cmd_generate(args) -> int:
+    from vldm_jax.io.video import VIDEO_SUFFIXES
+
+    _validate_generate(args)
     outs = _output_paths(args.out, len(args.prompt), VIDEO_SUFFIXES, args.overwrite)
-    _check_positive(("--frames", args.frames), ("--steps", args.steps), ("--decode-chunk", args.decode_chunk),
-                    ("--height", args.height), ("--width", args.width))
-    if args.interpolate is not None and args.interpolate not in INTERPOLATE_CHOICES:
-        raise UserError(f"--interpolate must be 1, 4 or 16 (got {args.interpolate})")
-    if args.fps is not None and args.fps <= 0:
-        raise UserError(f"--fps must be positive (got {args.fps})")
     if args.motion_adapter is not None:
         return _generate_animatediff(args, outs)
-    if args.lora or args.free_noise is not None:
-        raise UserError("--lora and --free-noise apply to AnimateDiff (--motion-adapter)")
     mesh = _mesh(args.mesh)
     t0 = time.perf_counter()
     pipe = _load_video_ldm(args.checkpoint)
+    _validate_generate(args, pipe)
     videos = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
                   width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, interpolate=args.interpolate, upscale=args.upscale,
@@ -475,16 +507,32 @@ def _cmd_upscale(args) -> int:
     return 0
 
 
+def _validate_convert(args) -> None:
+    """Everything a user can get wrong in ``vldm convert``, found before the (slow) pipeline load."""
+    from pathlib import Path
+
+    from vldm_jax.errors import UserError
+
+    dst = Path(args.dst).absolute()
+    if dst.exists():
+        raise UserError(f"{dst} already exists; choose another destination")
+    if not dst.parent.is_dir():
+        raise UserError(f"folder {dst.parent} does not exist")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise UserError(f"folder {dst.parent} is not writable")
+    if args.temporal is not None:
+        from vldm_jax.checkpoints.temporal import read_temporal
+
+        read_temporal(args.temporal)
+
+
 def _cmd_convert(args) -> int:
     from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
     t0 = time.perf_counter()
     if args.to == "diffusers-motion-adapter":
         return _convert_motion_adapter(args, t0)
-    if args.temporal is not None:
-        from vldm_jax.checkpoints.temporal import read_temporal
-
-        read_temporal(args.temporal)  # a bad file fails before the (slow) pipeline load
+    _validate_convert(args)
     pipe = TextToImagePipeline.from_pretrained(args.src, tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
     t1 = time.perf_counter()
     if args.temporal is None:

@@ -4,10 +4,11 @@ our own format's) -> where its module, config class and rename table live. Read 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
-from vldm_jax.errors import CheckpointError
+from vldm_jax.errors import CheckpointError, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,28 @@ def register_family(class_name: str, family: Family) -> None:
 
 
 def family_of(class_name: str | None, where: Any) -> Family:
-    if class_name not in FAMILIES:
+    if not isinstance(class_name, str) or class_name not in FAMILIES:
         raise CheckpointError(f"{where}: unsupported model class {class_name!r} "
                               f"(supported: {', '.join(sorted(FAMILIES))})")
     return FAMILIES[class_name]
+
+
+# What building a module from a config that does not describe one raises (a zero, a null, a string where a size
+# belongs): the file is at fault, not the code, and the user gets one line naming it.
+_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+@contextlib.contextmanager
+def config_errors_name(config_path: Any, class_name: Any):
+    """Turns errors of building ``class_name`` from the config in ``config_path`` into one-line ConfigErrors
+    that name the file (weights that do not fit stay CheckpointErrors, which name the folder)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+    except _BUILD_ERRORS as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"{config_path}: the config does not describe a valid {class_name} "
+                          f"({type(e).__name__}: {msg})") from None

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.checkpoints.families import family_of
+from vldm_jax.checkpoints.families import config_errors_name, family_of
 from vldm_jax.checkpoints.safetensors_io import read_safetensors
 from vldm_jax.errors import CheckpointError
 from vldm_jax.models.config import config_from_dict, read_config_file
@@ -125,7 +125,7 @@ def class_name_of(config: Mapping[str, Any]) -> str | None:
     if "_class_name" in config:
         return config["_class_name"]
     archs = config.get("architectures") or []
-    return archs[0] if archs else None
+    return archs[0] if isinstance(archs, list) and archs else None
 
 
 def build_from_state_dict(class_name: str, config: Mapping[str, Any] | Any, state_dict: Mapping[str, np.ndarray],
@@ -166,4 +166,5 @@ def load_model(path: str | os.PathLike, *, subfolder: str | None = None, allow_p
     cls = class_name_of(config)
     family_of(cls, config_path)
     state_dict = find_folder_weights(folder, allow_pickle=allow_pickle, variant=variant)
-    return build_from_state_dict(cls, config, state_dict, dtype=dtype, param_dtype=param_dtype, name=str(folder))
+    with config_errors_name(config_path, cls):
+        return build_from_state_dict(cls, config, state_dict, dtype=dtype, param_dtype=param_dtype, name=str(folder))

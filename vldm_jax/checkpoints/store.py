@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 
 from vldm_jax.checkpoints.convert import abstract_module, merge_arrays
-from vldm_jax.checkpoints.families import FAMILIES, family_of
+from vldm_jax.checkpoints.families import FAMILIES, config_errors_name, family_of
 from vldm_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
-from vldm_jax.errors import CheckpointError, UserError
-from vldm_jax.models.config import config_from_dict, config_to_dict
+from vldm_jax.errors import CheckpointError, ConfigError, UserError
+from vldm_jax.models.config import config_from_dict, config_to_dict, read_config_file
 
 FORMAT_VERSION = 1
 
@@ -40,19 +40,46 @@ def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False):
         raise UserError(f"{dst} already exists; choose another destination")
     if not dst.parent.exists():
         raise UserError(f"folder {dst.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    from vldm_jax.io.video import remove_stale_temporaries
+
+    for kind in ("partial", "old"):  # what writers killed before us left behind
+        remove_stale_temporaries(dst.parent, f".{dst.name}.{kind}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     try:
         yield tmp
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, dst):  # one atomic step: dst is never absent
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
+    except OSError as e:  # a full disk or quota while writing: one line, the partial folder removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {dst}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable. Replacing
+    a folder by two renames leaves a moment with no folder under the name, and a kill there loses it."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def class_name_of_module(module: nnx.Module) -> str:
@@ -81,15 +108,17 @@ def save_module(module: nnx.Module, folder: str | os.PathLike) -> None:
 def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
     """Loads a folder written by :func:`save_module`."""
     folder = Path(folder)
-    with open(folder / "vldm_config.json") as f:
-        meta = json.load(f)
+    meta = read_config_file(folder / "vldm_config.json")
     if meta.get("format") != "vldm_jax" or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder}: unknown vldm_jax format {meta.get('format')} v{meta.get('version')}")
-    fam = family_of(meta["_class_name"], folder)
+    fam = family_of(meta.get("_class_name"), folder)
     mod = importlib.import_module(fam.module)
-    config = config_from_dict(getattr(mod, fam.config_cls), meta["config"])
-    model_cls = getattr(mod, fam.model_cls)
-    graphdef, abstract_state = abstract_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype))
+    with config_errors_name(folder / "vldm_config.json", meta.get("_class_name")):
+        if not isinstance(meta.get("config"), dict):
+            raise ConfigError("'config' is not a JSON object")
+        config = config_from_dict(getattr(mod, fam.config_cls), meta["config"])
+        model_cls = getattr(mod, fam.model_cls)
+        graphdef, abstract_state = abstract_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype))
     stored = read_safetensors(folder / "params.safetensors")
     arrays, problems = {}, []
     for path, var in nnx.to_flat_state(abstract_state):

@@ -72,8 +72,14 @@ def read_temporal(path: str | os.PathLike) -> tuple[dict[tuple, np.ndarray], dic
         raise CheckpointError(f"{path} is not a vldm_jax temporal weights file (written by save_temporal)")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported temporal weights version {meta.get('version')}")
+    try:
+        config = json.loads(meta.get("config", ""))
+    except (json.JSONDecodeError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the video config in its metadata is not a JSON object")
     arrays = {_split_key(k): v for k, v in read_safetensors(path).items()}
-    return arrays, json.loads(meta["config"])
+    return arrays, config
 
 
 def load_temporal(module_or_path, path: str | os.PathLike, *, seed: int = 0) -> nnx.Module:
@@ -88,8 +94,11 @@ def load_temporal(module_or_path, path: str | os.PathLike, *, seed: int = 0) -> 
     """
     from vldm_jax.models.unet import TemporalConfig, VideoUNet
 
+    from vldm_jax.checkpoints.load import config_errors_name
+
     arrays, config = read_temporal(path)
-    temporal = TemporalConfig.from_stored(config)
+    with config_errors_name(path, "temporal config"):
+        temporal = TemporalConfig.from_stored(config)
     if not isinstance(module_or_path, nnx.Module):
         from vldm_jax.checkpoints.pipeline_folder import load_component
 

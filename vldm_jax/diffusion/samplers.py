@@ -479,9 +479,13 @@ def make_sampler(
             raise ConfigError(f"option {k!r} does not apply to sampler {key!r}")
         else:
             config_overrides[k] = v
-    config = schedules.scheduler_config_from_dict(scheduler_config or {}, **config_overrides)
-    spacing = config.timestep_spacing or _DEFAULT_SPACING[key]
-    built = _MAKERS[key](config, spacing, int(num_inference_steps), step_options)
+    try:  # a scheduler_config.json with a wrong type or an empty list must end in one line, not a traceback
+        config = schedules.scheduler_config_from_dict(scheduler_config or {}, **config_overrides)
+        spacing = config.timestep_spacing or _DEFAULT_SPACING[key]
+        built = _MAKERS[key](config, spacing, int(num_inference_steps), step_options)
+    except (TypeError, ValueError, ZeroDivisionError, KeyError, IndexError, OverflowError) as e:
+        raise ConfigError(f"the scheduler config does not describe a {key} sampler ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return Sampler(
         timesteps=jnp.asarray(built["timesteps"]),
         sigmas=jnp.asarray(built["sigmas"], jnp.float32),

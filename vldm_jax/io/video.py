@@ -31,15 +31,48 @@ def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...], *, ove
         raise UserError(f"{path}: folder {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another name or pass --overwrite")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: folder {path.parent} is not writable")
     return path
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass
+    return True
+
+
+def remove_stale_temporaries(folder: Path, prefix: str) -> None:
+    """Removes ``{prefix}{pid}-*`` temporaries left in ``folder`` by writers that were killed (their pid is gone)."""
+    for p in folder.glob(f"{prefix}*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                import shutil
+
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            except OSError:
+                pass
+
+
 def _atomic(path: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    prefix = f".{path.stem}.tmp-"
+    remove_stale_temporaries(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a vanished folder: one line, nothing half-written left
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from vldm_jax.errors import ConfigError
 
 T = TypeVar("T")
+MAX_LAYERS = 1000
 
 
 def _freeze(value: Any) -> Any:
@@ -31,6 +32,10 @@ def config_from_dict(cls: type[T], data: dict[str, Any], *, strict: bool = False
     if strict and unknown:
         raise ConfigError(f"{cls.__name__}: unknown config keys {unknown}")
     kwargs = {k: _freeze(v) for k, v in data.items() if k in names}
+    for k, v in kwargs.items():
+        # A layer count is built as that many modules: a file claiming a million would hang the (abstract) build.
+        if "layers" in k and any(type(n) is int and n > MAX_LAYERS for n in (v if isinstance(v, tuple) else (v,))):
+            raise ConfigError(f"{cls.__name__}: {k}={v} is not a plausible layer count (at most {MAX_LAYERS})")
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - message is what matters
@@ -47,9 +52,14 @@ def config_to_dict(config: Any, class_name: str | None = None) -> dict[str, Any]
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} does not hold a JSON object (got {type(data).__name__})")
+    return data

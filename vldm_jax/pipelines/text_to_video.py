@@ -52,6 +52,20 @@ def default_checkpoint() -> Path:
     return DEFAULT_MODEL
 
 
+def _check_index(index: dict, path: Path) -> None:
+    """The fields of a Video LDM ``model_index.json``, checked before any component loads."""
+    for part in (*_MODEL_PARTS, "tokenizer", "scheduler", "upsampler"):
+        entry = index.get(part)
+        if entry is not None and not (isinstance(entry, list) and len(entry) == 2
+                                      and all(isinstance(x, str) for x in entry)):
+            raise CheckpointError(f"{path}: {part} must be null or [library, class] (got {entry!r})")
+    clip_skip = index.get("_vldm_clip_skip", 0)
+    if type(clip_skip) is not int or clip_skip < 0:
+        raise CheckpointError(f"{path}: _vldm_clip_skip must be a non-negative integer (got {clip_skip!r})")
+    if not isinstance(index.get("_vldm_defaults", {}), dict):
+        raise CheckpointError(f"{path}: _vldm_defaults must be an object (got {index['_vldm_defaults']!r})")
+
+
 class TextToVideoPipeline:
     """Video LDM text-to-video (and image animation, video interpolation) from a pipeline folder."""
 
@@ -80,6 +94,7 @@ class TextToVideoPipeline:
         """A Video LDM pipeline folder (``model_index.json`` naming ``unet``, ``vae``, ``text_encoder``,
         ``tokenizer``, ``scheduler`` and optionally ``interpolator``, ``predictor``, ``upsampler``), or a hub id."""
         folder = read_pipeline_folder(path, what="a pipeline folder")
+        _check_index(folder.index, folder.path / "model_index.json")
         folder.require(("unet", "vae", "text_encoder", "scheduler"))
         parts = folder.load_models(_MODEL_PARTS, allow_pickle=allow_pickle, dtype=dtype)
         up = None
@@ -193,6 +208,8 @@ class TextToVideoPipeline:
         guidance = self.default("guidance_scale") if guidance_scale is None else guidance_scale
         interp_guidance = self.default("interpolation_guidance_scale", guidance)
         self._check_common(steps, scheduler, interpolate)
+        if upscale and self.upsampler is None:  # before any work, not after the denoising
+            raise UserError("this pipeline has no upsampler (drop upscale)")
         if num_frames is None:
             num_frames = self.default("num_frames", getattr(self.unet.config, "num_frames", 8))
         if num_frames < 1:

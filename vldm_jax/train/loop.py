@@ -170,7 +170,9 @@ class Checkpoints:
         self.ocp = ocp
         self.directory = directory
         # The loop decides when to save (every N steps, at the end, on SIGTERM) and always forces the save.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        # cleanup_tmp_directories: a save killed mid-write leaves an orbax tmp folder, removed when a run starts.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
     @staticmethod
@@ -412,6 +414,72 @@ def train(config: Config, *, setup: Setup | None = None, data: DataIterator | No
     workdir = Path(workdir or config.train.workdir or "runs/train")
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir) if primary else None  # a second trainer on this workdir stops here
+    try:
+        return _train_in(config, setup, data, workdir, mesh, hooks, say, primary, multi)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class WorkdirLock:
+    """``workdir/train.lock`` holding ``pid host``: one trainer per workdir. A lock whose process is gone (same
+    host, pid not running) is stale and taken over; the lock is removed when training ends (any way but SIGKILL,
+    which leaves a stale lock the next run takes over)."""
+
+    NAME = "train.lock"
+
+    def __init__(self, workdir: Path):
+        import socket
+
+        self.path = Path(workdir) / self.NAME
+        self.mine = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None:
+                    raise UserError(f"{workdir} is in use by another trainer (pid {holder}; lock file {self.path}); "
+                                    "wait for it to finish or choose another --workdir") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.mine + "\n")
+            return
+        raise UserError(f"cannot take the lock {self.path}; remove it if no trainer is running")
+
+    def _holder(self) -> str | None:
+        """The live holder's pid (or pid@host), None when the lock is stale or unreadable."""
+        import socket
+
+        try:
+            pid_text, host = (self.path.read_text().split() + [""])[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None  # half-written by a process killed while taking it
+        if host and host != socket.gethostname():
+            return f"{pid}@{host}"  # another machine's process: cannot tell, assume alive
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return str(pid)
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text().strip() == self.mine:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
+def _train_in(config: Config, setup, data, workdir: Path, mesh, hooks, say, primary: bool, multi: bool
+              ) -> TrainResult:
     if config.train.compilation_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str((workdir / "cache" / "jax").absolute()))
     t_start = time.perf_counter()
