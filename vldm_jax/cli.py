@@ -217,6 +217,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up")
     p.add_argument("--only", nargs="+", default=None, metavar="ITEM", help="run only these items (see the script)")
     p.add_argument("--out", default="results.json", help="JSON file to write")
+
+    from vldm_jax import cli_eval  # vldm eval fvd|clipsim, vldm sample
+
+    cli_eval.add_parsers(sub)
     return parser
 
 
@@ -664,6 +668,17 @@ COMMANDS["prepare"] = _cmd_prepare
 
 # Commands whose compiled programs are worth keeping between runs (persistent compilation cache).
 CACHED_COMMANDS = ("txt2img", "generate", "interpolate", "animate", "upscale")
+
+
+def _register_eval_commands():  # vldm eval fvd|clipsim, vldm sample (vldm_jax/cli_eval.py)
+    global CACHED_COMMANDS
+    from vldm_jax import cli_eval
+
+    COMMANDS.update(cli_eval.COMMANDS)
+    CACHED_COMMANDS = CACHED_COMMANDS + cli_eval.CACHED_COMMANDS
+
+
+_register_eval_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
