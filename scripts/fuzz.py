@@ -53,7 +53,7 @@ def _seed(target: str, corpus: Path) -> None:
     import numpy as np
 
     if target == "safetensors":
-        from vldm_jax.checkpoints.load import write_safetensors
+        from vldm_jax.checkpoints.safetensors_io import write_safetensors
 
         write_safetensors(corpus / "seed", {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
                                             "b": np.ones(4, np.uint8)}, {"k": "v"})

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from tests.hardening._hyp import examples
-from vldm_jax.checkpoints.load import load_model, write_safetensors
+from vldm_jax.checkpoints.load import load_model
+from vldm_jax.checkpoints.safetensors_io import write_safetensors
 from vldm_jax.diffusion.samplers import make_sampler
 from vldm_jax.errors import UserError
 from vldm_jax.models.config import read_config_file

@@ -45,7 +45,7 @@ elif kind == "image":
     f = lambda: w(path, rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
 else:
     from vldm_jax.checkpoints.store import atomic_folder
-    from vldm_jax.checkpoints.load import write_safetensors
+    from vldm_jax.checkpoints.safetensors_io import write_safetensors
     def f():
         with atomic_folder(path, overwrite=True) as tmp:
             write_safetensors(tmp / "params.safetensors", {"w": rng.standard_normal(50_000).astype(np.float32)})

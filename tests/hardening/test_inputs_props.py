@@ -131,7 +131,7 @@ def test_image_and_video_readers(tmp_path_factory, name, suffix, cut, junk):
 @example({"format": "vldm_jax.temporal", "version": "1", "config": "[1]"})
 @example({"format": "vldm_jax.temporal", "version": "1", "config": "{}"})
 def test_temporal_file_metadata(tmp_path_factory, meta):
-    from vldm_jax.checkpoints.load import write_safetensors
+    from vldm_jax.checkpoints.safetensors_io import write_safetensors
     from vldm_jax.checkpoints.temporal import load_temporal, read_temporal
     from vldm_jax.pipelines.text_to_video import DEFAULT_MODEL
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from tests.hardening._hyp import examples
-from vldm_jax.checkpoints.load import read_safetensors, write_safetensors
+from vldm_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
 from vldm_jax.errors import CheckpointError
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
