@@ -35,8 +35,21 @@ IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 # kernel saves, and XLA's fused attention is used.
 SPLASH_MIN_LENGTH = 128
 SPLASH_MAX_BLOCK = 512
+# cuDNN's flash attention takes heads of up to 128 channels (SD 1.5's 160-wide heads of the two lowest
+# resolutions take XLA's path).
+CUDNN_MAX_HEAD_DIM = 128
 
 _LOGGED: set = set()
+
+# Scores per chunk (B * heads * chunk * S floats): 1-2 M floats (4-8 MB) keep a block of the score matrix in the
+# CPU's cache. Measured on the 2-core CPU (docs/benchmarks.md), best chunk per shape (B, T, heads, head dim):
+# (2, 1024, 8, 8) 91 ms (XLA) -> 11 ms at 64 queries (1 M scores; PyTorch's fused SDPA 16 ms); (8, 1024, 1, 64)
+# 61 -> 19 ms at 128-256 (1-2 M); (2, 1024, 8, 40) 108 -> 36-38 ms at 128-256 (2-4 M); (2, 4096, 8, 40) 1962 ->
+# 1002 ms at 64-128. Heads of up to 16 channels prefer the smaller blocks.
+CHUNK_SCORE_ELEMENTS = 2 ** 21
+CHUNK_SCORE_ELEMENTS_NARROW = 2 ** 20
+# At most this many score elements in one block: below it the whole attention is one block.
+CHUNK_MIN_ELEMENTS = 2 ** 22
 
 
 def set_attention_implementation(name: str | None) -> None:
@@ -151,8 +164,9 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, is_causal: bool = Fa
         impl = "xla"  # biased (relative frame positions), masked or short: XLA's fused attention
     if impl == "xla":
         impl = None
-    if impl == "cudnn" and (q.dtype not in (jnp.float16, jnp.bfloat16) or mask is not None):
-        impl = None  # cuDNN's kernel takes half precision and no boolean mask
+    if impl == "cudnn" and (q.dtype not in (jnp.float16, jnp.bfloat16) or mask is not None
+                            or q.shape[-1] % 8 or q.shape[-1] > CUDNN_MAX_HEAD_DIM):
+        impl = None  # cuDNN's kernel takes half precision, no boolean mask, heads of a multiple of 8 up to 128
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
                                        implementation=impl)
     return out.astype(dtype)
