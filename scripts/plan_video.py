@@ -263,7 +263,7 @@ def table(rows: list[dict]) -> str:
                 f"{'n/a' if r['flops'] is None else format(r['flops'] / 1e12, '.2f')} | "
                 f"{'n/a' if est is None else format(est, '.3g') + ' s'} ({r['est_source']}) | {r['calls']} | "
                 f"{'n/a' if stage_s is None else format(stage_s, '.3g') + ' s'} | {r['compile_seconds']:.0f} s |")
-        out.append(f"\nestimated total: {total:.1f} s\n")
+        out.append(f"\nestimated time of the stages above: {total:.2f} s\n")
     return "\n".join(out)
 
 
