@@ -15,6 +15,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"vldm: error: {message}\n")
 
 
+# vldm_jax.nn.attention.IMPLEMENTATIONS (not imported here: parsing stays free of jax).
+ATTENTION_CHOICES = ("auto", "xla", "chunked", "cudnn", "splash")
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="diffusers pipeline folder, single-file .safetensors, converted folder, or hub id")
@@ -73,6 +77,9 @@ def _generate_animatediff(args, outs) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vldm", description="Video LDM in JAX: latent diffusion for images and videos.")
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                        help="attention kernel (default auto: splash on TPU, cuDNN on GPU in half precision, "
+                             "chunked on CPU); goes before the command")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("txt2img", help="generate an image from a text prompt with a Stable Diffusion checkpoint")
@@ -687,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     from vldm_jax.errors import UserError
 
     args = _build_parser().parse_args(argv)
+    if args.attention:
+        from vldm_jax.nn.attention import set_attention_implementation
+
+        set_attention_implementation(args.attention)
     if args.command in CACHED_COMMANDS:
         from vldm_jax.pipelines.common import enable_compilation_cache
 

@@ -1,23 +1,45 @@
 """Attention: one op over ``jax.nn.dot_product_attention`` and the diffusers ``Attention`` layer.
 
 Everything that attends (spatial transformers, temporal layers, the VAE mid block, CLIP) goes
-through :func:`dot_product_attention`, so an accelerator picks its fused kernel (cuDNN flash
-attention on GPUs) without code changes.
+through :func:`dot_product_attention`, so each platform gets its kernel without code changes:
+on TPUs the Pallas splash (flash) attention kernel, on GPUs cuDNN's fused flash attention for
+half precision, on the CPU this module's query-chunked attention (:func:`attention_implementation`).
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vldm_jax.errors import ConfigError
 from vldm_jax.nn.norm import GroupNorm, LayerNorm
+from vldm_jax.parallel.activations import current_mesh
+from vldm_jax.parallel.aot import current_platform
 
-# Set by config/CLI. None ("auto"): on the CPU, this module's attention (query-chunked when the score matrix is
-# large), XLA's jax.nn.dot_product_attention elsewhere; "xla": always jax.nn.dot_product_attention's XLA path;
-# "chunked": this module's attention on any backend; "cudnn": the fused GPU kernel (half precision, no boolean
-# mask).
+log = logging.getLogger("vldm_jax.attention")
+
+# The switch (``set_attention_implementation``, the CLI's ``--attention``). None ("auto"): splash on TPU, cuDNN on
+# GPU for half precision (XLA otherwise), this module's chunked attention on the CPU. "xla": always
+# jax.nn.dot_product_attention's XLA path; "chunked": this module's attention on any backend; "cudnn": the fused
+# GPU kernel (half precision, no boolean mask); "splash": the TPU Pallas kernel (no bias or mask: such calls, and
+# sequences shorter than SPLASH_MIN_LENGTH, take the XLA path).
 ATTENTION_IMPLEMENTATION: str | None = None
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+
+# Splash pads sequences to its blocks (multiples of 128) and heads to 128 lanes: below this many queries or keys
+# (temporal attention over a few frames, cross-attention to 77 text tokens) the padding would cost more than the
+# kernel saves, and XLA's fused attention is used.
+SPLASH_MIN_LENGTH = 128
+SPLASH_MAX_BLOCK = 512
+# cuDNN's flash attention takes heads of up to 128 channels (SD 1.5's 160-wide heads of the two lowest
+# resolutions take XLA's path).
+CUDNN_MAX_HEAD_DIM = 128
+
+_LOGGED: set = set()
 
 # Scores per chunk (B * heads * chunk * S floats): 1-2 M floats (4-8 MB) keep a block of the score matrix in the
 # CPU's cache. Measured on the 2-core CPU (docs/benchmarks.md), best chunk per shape (B, T, heads, head dim):
@@ -28,6 +50,42 @@ CHUNK_SCORE_ELEMENTS = 2 ** 21
 CHUNK_SCORE_ELEMENTS_NARROW = 2 ** 20
 # At most this many score elements in one block: below it the whole attention is one block.
 CHUNK_MIN_ELEMENTS = 2 ** 22
+
+
+def set_attention_implementation(name: str | None) -> None:
+    """Selects the attention kernel for every later trace (one switch for the process)."""
+    global ATTENTION_IMPLEMENTATION
+    if name is not None and name not in IMPLEMENTATIONS:
+        raise ConfigError(f"attention implementation {name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    ATTENTION_IMPLEMENTATION = None if name in (None, "auto") else name
+
+
+def _platform() -> str:
+    """The platform the current trace is compiled for: the activation mesh's devices, the ahead-of-time target
+    (:func:`vldm_jax.parallel.aot.target_platform`), else this host's backend."""
+    mesh = current_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return current_platform()
+
+
+def attention_implementation(dtype=jnp.float32) -> str:
+    """The implementation a call of ``dtype`` inputs takes now: the switch, or the platform's choice for auto."""
+    impl = ATTENTION_IMPLEMENTATION
+    platform = _platform()
+    if impl in (None, "auto"):
+        if platform == "cpu":
+            impl = "chunked"
+        elif platform == "tpu":
+            impl = "splash"
+        elif platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
+            impl = "cudnn"
+        else:
+            impl = "xla"
+    if (impl, platform) not in _LOGGED:
+        _LOGGED.add((impl, platform))
+        log.info("attention: %s on %s (switch: %s)", impl, platform, ATTENTION_IMPLEMENTATION or "auto")
+    return impl
 
 
 def _attend(q, k, v, scale, bias=None, mask=None):
@@ -89,9 +147,7 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, is_causal: bool = Fa
     dtype = q.dtype
     if upcast:
         q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-    impl = ATTENTION_IMPLEMENTATION
-    if impl in (None, "auto"):
-        impl = "chunked" if jax.default_backend() == "cpu" else None
+    impl = attention_implementation(q.dtype)
     if impl == "chunked":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if mask is None and bias is None and not is_causal:
@@ -100,13 +156,93 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, is_causal: bool = Fa
             causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
             mask = causal if mask is None else jnp.logical_and(mask, causal)
         return _attend(q, k, v, scale, bias=bias, mask=mask).astype(dtype)
+    if impl == "splash":
+        if (mask is None and bias is None and not is_causal
+                and min(q.shape[1], k.shape[1]) >= SPLASH_MIN_LENGTH):
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            return splash_attention(q, k, v, scale=scale).astype(dtype)
+        impl = "xla"  # biased (relative frame positions), masked or short: XLA's fused attention
     if impl == "xla":
         impl = None
-    if impl == "cudnn" and (q.dtype not in (jnp.float16, jnp.bfloat16) or mask is not None):
-        impl = None  # cuDNN's kernel takes half precision and no boolean mask
+    if impl == "cudnn" and (q.dtype not in (jnp.float16, jnp.bfloat16) or mask is not None
+                            or q.shape[-1] % 8 or q.shape[-1] > CUDNN_MAX_HEAD_DIM):
+        impl = None  # cuDNN's kernel takes half precision, no boolean mask, heads of a multiple of 8 up to 128
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
                                        implementation=impl)
     return out.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------ TPU: splash
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    mask = sm.MultiHeadMask([sm.FullMask((q_len, kv_len)) for _ in range(heads)])
+    blocks = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                           block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                           block_q_dq=block_q, block_kv_dq=block_kv)
+    return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, *, scale: float, interpret: bool = False):
+    """Splash attention on one device's ``(B, T, N, H)`` / ``(B, S, N, H)``: heads padded to 128 lanes with
+    zeros (scores and outputs unchanged), sequences to whole blocks; padded keys are kept out by segment ids."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    hp = _round_up(h, 128)
+    block_q = min(SPLASH_MAX_BLOCK, _round_up(t, 128))
+    block_kv = min(SPLASH_MAX_BLOCK, _round_up(s, 128))
+    tp, sp = _round_up(t, block_q), _round_up(s, block_kv)
+    q = q * jnp.asarray(scale, q.dtype)  # the kernel does not scale
+
+    def heads_major(x, length):
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, hp - h)))
+        return jnp.transpose(x, (0, 2, 1, 3))  # (B, N, L, Hp)
+
+    qh, kh, vh = heads_major(q, tp), heads_major(k, sp), heads_major(v, sp)
+    kernel = _splash_kernel(n, tp, sp, block_q, block_kv, interpret)
+    segments = None
+    if sp != s:
+        segments = sk.SegmentIds(q=jnp.zeros((tp,), jnp.int32), kv=(jnp.arange(sp) >= s).astype(jnp.int32))
+    out = jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=segments))(qh, kh, vh)
+    return jnp.transpose(out[:, :, :t, :h], (0, 2, 1, 3))
+
+
+def splash_attention(q, k, v, *, scale: float, interpret: bool = False):
+    """The TPU splash (flash) attention kernel on ``(B, T, N, H)`` queries, ``(B, S, N, H)`` keys/values.
+
+    A Pallas kernel cannot be partitioned by XLA, so under an activation mesh it runs in ``jax.shard_map``: the
+    batch (folded frames or positions) over whichever of data/fsdp/context divide it, the queries over context
+    when the batch left it unused (keys and values are then gathered: each device attends its queries over all
+    keys, exactly), heads over tensor."""
+    mesh = current_mesh()
+    local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+    if mesh is None:
+        return local(q, k, v)
+    b, t, n, _ = q.shape
+    batch_axes, size = [], 1
+    for axis in ("data", "fsdp", "context"):
+        m = mesh.shape.get(axis, 1)
+        if m > 1 and b % (size * m) == 0:
+            batch_axes.append(axis)
+            size *= m
+    ctx = mesh.shape.get("context", 1)
+    q_axis = "context" if ctx > 1 and "context" not in batch_axes and t % ctx == 0 else None
+    tensor = mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and n % tensor == 0 else None
+    batch = tuple(batch_axes) if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+    q_spec = jax.sharding.PartitionSpec(batch, q_axis, head_axis, None)
+    kv_spec = jax.sharding.PartitionSpec(batch, None, head_axis, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
 
 
 class Attention(nnx.Module):
