@@ -265,7 +265,7 @@ def bench_video_unet(cfg, folder, reps, peak, rng):
                jnp.asarray(t), jnp.asarray(ctx), jnp.asarray(ids))
     jrec = ours.record(reps, peak)
     tx, tctx, tids = torch.from_numpy(x.transpose(0, 1, 4, 2, 3).copy()), torch.from_numpy(ctx), torch.from_numpy(ids)
-    trec = torch_record(lambda: ref(tx, torch.tensor(500.0), tctx, tids).sample, reps, ours.flops, peak)
+    trec = torch_record(lambda: ref(tx, torch.tensor(500.0), tctx, tids).sample, reps, ours.flops, peak)  # noqa: F821 (del ref below frees it after the run)
     del ref
     return _pair("video U-Net forward", jrec, trec, f"B={b} F={f} {h}x{w}x{c.in_channels}"), model
 
@@ -353,7 +353,7 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
 
     def run_torch():
         topt.zero_grad(set_to_none=True)
-        loss = torch.mean(torch.square(ref(tx, torch.tensor(500.0), tctx, tids).sample - ttarget))
+        loss = torch.mean(torch.square(ref(tx, torch.tensor(500.0), tctx, tids).sample - ttarget))  # noqa: F821
         loss.backward()
         topt.step()
 
@@ -370,7 +370,6 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
 
 def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
     import diffusers
-    import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
@@ -394,7 +393,7 @@ def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
               jnp.asarray(ctx2))
     jrec = fwd.record(reps, peak)
     tx2, tctx2 = torch.from_numpy(x2.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ctx2)
-    trec = torch_record(lambda: ref(tx2, 500, encoder_hidden_states=tctx2).sample, reps, fwd.flops, peak)
+    trec = torch_record(lambda: ref(tx2, 500, encoder_hidden_states=tctx2).sample, reps, fwd.flops, peak)  # noqa: F821 (del ref below frees it after the run)
     unet = _pair("image U-Net forward (CFG batch)", jrec, trec, f"B={2 * b} {h}x{w}x{c.in_channels} ctx {seq}")
 
     # The whole 25-step DDIM loop with classifier-free guidance.
@@ -420,7 +419,7 @@ def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
         lat = tnoise * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             inp = scheduler.scale_model_input(torch.cat([lat, lat]), t)
-            out = ref(inp, t, encoder_hidden_states=tctx).sample
+            out = ref(inp, t, encoder_hidden_states=tctx).sample  # noqa: F821
             u, co = out.chunk(2)
             lat = scheduler.step(u + GUIDANCE * (co - u), t, lat).prev_sample
         return lat
@@ -446,7 +445,7 @@ def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
 
     j_paired, j_diffs = paired(ours, fwd)
     with torch.inference_mode():
-        t_paired, t_diffs = paired(torch_loop, lambda: ref(tx2, 500, encoder_hidden_states=tctx2).sample)
+        t_paired, t_diffs = paired(torch_loop, lambda: ref(tx2, 500, encoder_hidden_states=tctx2).sample)  # noqa: F821 (del ref below frees it after the run)
     proof = {
         "paired_per_step_overhead_s": j_paired, "paired_per_step_overhead_fraction": j_paired / jrec["median_s"],
         "paired_runs_s": j_diffs,
@@ -518,7 +517,7 @@ def bench_clip(cfg, folder, reps, peak, rng):
     ours = Jax(lambda s, ids: nnx.merge(graphdef, s)(ids).last_hidden_state, state, jnp.asarray(ids))
     jrec = ours.record(reps, peak)
     tids = torch.from_numpy(ids.astype(np.int64))
-    trec = torch_record(lambda: ref(tids).last_hidden_state, reps, ours.flops, peak)
+    trec = torch_record(lambda: ref(tids).last_hidden_state, reps, ours.flops, peak)  # noqa: F821 (del ref below frees it after the run)
     return _pair("CLIP text encode", jrec, trec, f"B={b} seq={seq} d={cfg['clip']['hidden_size']}")
 
 

@@ -75,7 +75,7 @@ def main() -> int:
     import atheris
 
     # Coverage of our readers only: the heavy libraries are imported first, uninstrumented.
-    import imageio.v3, jax, ml_dtypes, numpy, PIL.Image  # noqa: F401,E401
+    import imageio.v3  # noqa: F401,E401
     from flax import nnx  # noqa: F401
 
     with atheris.instrument_imports(include=["vldm_jax"]):

@@ -135,7 +135,6 @@ class CheckpointWriter(Writer):
         return {f"p{i}": self.jnp.full((256, 256), float(version * 10 + i), self.jnp.float32) for i in range(8)}
 
     def write(self, version):
-        from vldm_jax.train import loop
 
         self.step += 1
         ocp = self.ckpt.ocp

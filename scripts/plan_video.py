@@ -28,7 +28,6 @@ of the tiled upsampler (113x320x512x4 f32 x2 = 0.6 GB over the slice) and the de
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -39,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from vldm_jax.parallel import aot  # noqa: E402
 from vldm_jax.parallel.activations import batch_sharding, video_sharding  # noqa: E402
-from vldm_jax.parallel.mesh import make_mesh, mesh_from_sizes, parse_mesh  # noqa: E402
+from vldm_jax.parallel.mesh import mesh_from_sizes, parse_mesh  # noqa: E402
 
 DTYPE = jnp.bfloat16
 
@@ -185,7 +185,6 @@ def _updecode_stage(mesh, chips: int):
 
 
 def calls_per_stage(stage: str, chips: int) -> int:
-    from vldm_jax.pipelines.stages import interpolation_windows
     from vldm_jax.pipelines.upscale import tile_layout
 
     if stage in ("keyframes", "interp1", "interp2"):
@@ -240,7 +239,6 @@ def run_stage(stage: str, topology: str | None, mesh_text: str | None, attention
 
 
 def table(rows: list[dict]) -> str:
-    reports, steps = [], {}
     out = []
     by_topo: dict[str, list[dict]] = {}
     for r in rows:

@@ -37,7 +37,6 @@ MiB = 2 ** 20
 
 def _measure(fn, args, do_time: bool, reps: int) -> dict:
     import jax
-
     from benchmark import time_calls, xla_flops, xla_memory
 
     t0 = time.perf_counter()
@@ -52,10 +51,10 @@ def _measure(fn, args, do_time: bool, reps: int) -> dict:
 
 def unet_rows(folder: Path, do_time: bool, reps: int, log) -> list[dict]:
     import jax.numpy as jnp
+    from benchmark import temporal_train_step
     from flax import nnx
 
     import vldm_jax
-    from benchmark import temporal_train_step
 
     model = vldm_jax.load_model(folder)
     c = model.config
@@ -130,7 +129,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import diffusers
     import torch
-
     from benchmark import SIZES
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)

@@ -20,8 +20,12 @@ import optax
 from flax import nnx
 
 from vldm_jax.eval.flicker import flicker_report
-from vldm_jax.models.autoencoder import (AutoencoderKL, AutoencoderKLConfig, AutoencoderKLTemporalDecoder,
-                                         AutoencoderKLTemporalDecoderConfig)
+from vldm_jax.models.autoencoder import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    AutoencoderKLTemporalDecoder,
+    AutoencoderKLTemporalDecoderConfig,
+)
 
 # SVD's temporal VAE (stabilityai/stable-video-diffusion-img2vid vae/config.json).
 SVD = AutoencoderKLTemporalDecoderConfig(down_block_types=("DownEncoderBlock2D",) * 4,
@@ -65,8 +69,8 @@ def memory(args):
 def timing(args):
     """Decode ``frames`` frames of an SVD-sized temporal decoder with random weights: ours (jit, float32)
     and diffusers (torch, float32, no_grad) on the same CPU."""
-    import torch
     import diffusers
+    import torch
 
     torch.manual_seed(0)
     tv = diffusers.AutoencoderKLTemporalDecoder(down_block_types=list(SVD.down_block_types),
@@ -178,8 +182,12 @@ def evaluate(vae: AutoencoderKLTemporalDecoder, videos: np.ndarray, seed: int = 
 
 def finetune(args):
     from vldm_jax.models.discriminator import PatchDiscriminator3D, PatchDiscriminator3DConfig
-    from vldm_jax.train.decoder_objective import (DecoderFinetuneModels, DecoderObjectiveConfig,
-                                                  make_decoder_finetune_step, trainable_filter)
+    from vldm_jax.train.decoder_objective import (
+        DecoderFinetuneModels,
+        DecoderObjectiveConfig,
+        make_decoder_finetune_step,
+        trainable_filter,
+    )
 
     t0 = time.perf_counter()
     train = video_set(args.train_videos, args.frames, args.size, seed=0)

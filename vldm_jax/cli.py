@@ -249,9 +249,9 @@ def _cmd_benchmark(args) -> int:
 
 
 def _cmd_txt2img(args) -> int:
+    from vldm_jax.errors import UserError
     from vldm_jax.io.video import IMAGE_SUFFIXES, check_output_path, write_image
     from vldm_jax.pipelines.text_to_image import SCHEDULERS, TextToImagePipeline
-    from vldm_jax.errors import UserError
 
     out = check_output_path(args.out, IMAGE_SUFFIXES, overwrite=args.overwrite)
     if args.scheduler not in SCHEDULERS:
@@ -484,8 +484,7 @@ def _cmd_interpolate(args) -> int:
 
 def _cmd_upscale(args) -> int:
     from vldm_jax.errors import UserError
-    from vldm_jax.io.video import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_path, read_image, read_video,
-                                   write_video)
+    from vldm_jax.io.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_path, read_image, read_video, write_video
 
     # Everything a user can get wrong is checked before the (slow) model load.
     out = check_output_path(args.out, VIDEO_SUFFIXES, overwrite=args.overwrite)

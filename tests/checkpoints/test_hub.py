@@ -6,8 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder
 
 

@@ -17,8 +17,13 @@ from diffusers.loaders import single_file_utils as dsf  # noqa: E402
 
 from tests.helpers import tiny_sd  # noqa: E402
 from vldm_jax.checkpoints.single_file import (  # noqa: E402
-    OPENCLIP_PREFIX, SingleFileComponents, build_single_file_models, load_single_file, split_original_checkpoint,
-    unet_rename_table)
+    OPENCLIP_PREFIX,
+    SingleFileComponents,
+    build_single_file_models,
+    load_single_file,
+    split_original_checkpoint,
+    unet_rename_table,
+)
 from vldm_jax.errors import CheckpointError, ConfigError  # noqa: E402
 
 VARIANTS = ("sd1", "sd2")

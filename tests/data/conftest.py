@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.data.videos import VIDEO_COLORS, VIDEO_NAMES, TXT_CAPTIONS, _frames, _write_avi
+from tests.data.videos import TXT_CAPTIONS, VIDEO_COLORS, VIDEO_NAMES, _frames, _write_avi
 
 
 class _Records(logging.Handler):

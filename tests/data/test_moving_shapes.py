@@ -6,8 +6,16 @@ import sys
 import numpy as np
 import pytest
 
-from vldm_jax.data.moving_shapes import (COLORS, COMBINATIONS, DIRECTIONS, SHAPES, SPEEDS, caption_for, example,
-                                         render_clip)
+from vldm_jax.data.moving_shapes import (
+    COLORS,
+    COMBINATIONS,
+    DIRECTIONS,
+    SHAPES,
+    SPEEDS,
+    caption_for,
+    example,
+    render_clip,
+)
 from vldm_jax.errors import UserError
 
 

@@ -5,9 +5,17 @@ them all right."""
 import numpy as np
 import pytest
 
-from vldm_jax.data.moving_shapes import (_SQUARE_HALF_SIDE, _TRIANGLE_CIRCUMRADIUS, RENDER_SETTINGS, RenderSettings,
-                                         example, parse_dataset_name, parse_dataset_setting, render_arrays,
-                                         render_clip)
+from vldm_jax.data.moving_shapes import (
+    _SQUARE_HALF_SIDE,
+    _TRIANGLE_CIRCUMRADIUS,
+    RENDER_SETTINGS,
+    RenderSettings,
+    example,
+    parse_dataset_name,
+    parse_dataset_setting,
+    render_arrays,
+    render_clip,
+)
 from vldm_jax.errors import UserError
 
 _EXTENT_PER_RADIUS = {"circle": 1.0, "square": _SQUARE_HALF_SIDE * np.sqrt(2.0), "triangle": _TRIANGLE_CIRCUMRADIUS}

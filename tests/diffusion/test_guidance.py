@@ -1,11 +1,10 @@
 """Classifier-free guidance: one batched call, scalar and per-frame scales, pytree conditioning."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
 
 from vldm_jax.diffusion.guidance import (
     classifier_free_guidance,

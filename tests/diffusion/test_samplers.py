@@ -4,15 +4,14 @@ The denoiser is a fixed elementwise function computed identically in torch and j
 difference between the two loops is the scheduler arithmetic.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from vldm_jax.diffusion.samplers import make_sampler, progress_bar, sample, scale_model_input, init_state, step
+from vldm_jax.diffusion.samplers import init_state, make_sampler, progress_bar, sample, scale_model_input, step
 from vldm_jax.errors import ConfigError
 
 # diffusers deprecates the non-++ DPM-Solver variants that some cases cover on purpose.

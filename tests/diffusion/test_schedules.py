@@ -1,10 +1,9 @@
 """Noise schedules and parameterisations against diffusers' DDIMScheduler / EulerDiscreteScheduler."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax.numpy as jnp
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from vldm_jax.diffusion import schedules

@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from vldm_jax.eval.flicker import (flicker, flicker_report, frame_difference, reconstruction_error,
-                                   temporal_gradient_error)
+from vldm_jax.eval.flicker import (
+    flicker,
+    flicker_report,
+    frame_difference,
+    reconstruction_error,
+    temporal_gradient_error,
+)
 
 
 def ramp(b=2, f=5):

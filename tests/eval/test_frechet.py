@@ -10,8 +10,7 @@ import pytest
 scipy_linalg = pytest.importorskip("scipy.linalg")
 
 from vldm_jax.errors import UserError  # noqa: E402
-from vldm_jax.eval.frechet import (RunningStats, frechet_distance, frechet_distance_of,  # noqa: E402
-                                   sqrtm_psd_product)
+from vldm_jax.eval.frechet import RunningStats, frechet_distance, frechet_distance_of, sqrtm_psd_product  # noqa: E402
 
 
 def scipy_fd(mu1, s1, mu2, s2):
@@ -59,6 +58,6 @@ def test_ill_conditioned_covariances():
 def test_errors():
     s = RunningStats().update(np.zeros((1, 3)))
     with pytest.raises(UserError, match="at least 2"):
-        s.cov
+        _ = s.cov
     with pytest.raises(UserError, match="dimension"):
         s.update(np.zeros((2, 4)))

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from vldm_jax import cli
-from vldm_jax.errors import UserError
 from vldm_jax.train.loop import WorkdirLock
 
 ROOT = Path(__file__).resolve().parents[2]

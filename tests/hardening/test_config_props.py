@@ -7,7 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from tests.hardening._hyp import examples
 from vldm_jax.checkpoints.load import load_model

@@ -4,7 +4,6 @@ CI runs a handful of kills per writer through scripts/kill_harness.py (the full 
 disk is simulated with RLIMIT_FSIZE in a subprocess (no root needed for a size-limited tmpfs)."""
 
 import importlib.util
-import json
 import random
 import subprocess
 import sys

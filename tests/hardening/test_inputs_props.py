@@ -8,7 +8,8 @@ import struct
 import numpy as np
 import pytest
 import yaml
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from tests.hardening._hyp import examples
 from vldm_jax.errors import UserError

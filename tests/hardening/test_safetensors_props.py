@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from tests.hardening._hyp import examples
 from vldm_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 
+import diffusers
 import numpy as np
 import torch
-from PIL import Image
-
-import diffusers
 import transformers
 from diffusers.pipelines.stable_video_diffusion import pipeline_stable_video_diffusion as svd_module
+from PIL import Image
 
 from vldm_jax.checkpoints.svd_single_file import SVD_SCHEDULER_CONFIG
 from vldm_jax.pipelines.image_to_video import ImageToVideoPipeline

@@ -9,8 +9,7 @@ from flax import nnx
 
 from tests.helpers.random_params import random_model
 from vldm_jax.errors import ConfigError
-from vldm_jax.models.discriminator import (PatchDiscriminator3D, PatchDiscriminator3DConfig, hinge_d_loss,
-                                           hinge_g_loss)
+from vldm_jax.models.discriminator import PatchDiscriminator3D, PatchDiscriminator3DConfig, hinge_d_loss, hinge_g_loss
 
 TINY = PatchDiscriminator3DConfig(base_channels=32, num_layers=2)
 

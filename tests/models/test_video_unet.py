@@ -15,10 +15,17 @@ diffusers = pytest.importorskip("diffusers")
 
 import vldm_jax  # noqa: E402
 from vldm_jax.errors import ConfigError  # noqa: E402
-from vldm_jax.models.roles import (count_params, image_to_video_key, is_temporal_path,  # noqa: E402
-                                   replace_spatial, split_params, temporal_filter, temporal_mask, temporal_only)
-from vldm_jax.models.unet import (REMAT_POLICIES, TemporalConfig, VideoUNet, VideoUNetConfig,  # noqa: E402
-                                  UNet2DConditionConfig)
+from vldm_jax.models.roles import (  # noqa: E402
+    count_params,
+    image_to_video_key,
+    is_temporal_path,
+    replace_spatial,
+    split_params,
+    temporal_filter,
+    temporal_mask,
+    temporal_only,
+)
+from vldm_jax.models.unet import REMAT_POLICIES, TemporalConfig, UNet2DConditionConfig, VideoUNet, VideoUNetConfig  # noqa: E402
 from vldm_jax.nn.temporal import TemporalBasicTransformerBlock  # noqa: E402
 
 # No mid block: each layer costs compile time, and the SVD parity test covers the video mid block.

@@ -113,7 +113,8 @@ def train_step() -> dict:
     context (with data parallelism beside it), against one device: loss, gradient norm and updated weights."""
     from tests.train.tiny import tiny_config
     from vldm_jax.parallel import mesh as meshlib
-    from vldm_jax.train import loop, state as statelib
+    from vldm_jax.train import loop
+    from vldm_jax.train import state as statelib
     from vldm_jax.train.objectives import Setup, TemporalObjective, VideoModels, noise_schedule
 
     rng = np.random.default_rng(0)

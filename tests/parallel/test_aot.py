@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.parallel import aot

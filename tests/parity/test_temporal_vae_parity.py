@@ -16,11 +16,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from vldm_jax.checkpoints.load import load_model  # noqa: E402
-from vldm_jax.checkpoints.temporal_vae_single_file import (load_temporal_vae_single_file,  # noqa: E402
-                                                           split_temporal_vae_single_file)
+from vldm_jax.checkpoints.temporal_vae_single_file import load_temporal_vae_single_file, split_temporal_vae_single_file  # noqa: E402
 from vldm_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from vldm_jax.models.autoencoder import (AutoencoderKLTemporalDecoder,  # noqa: E402
-                                         AutoencoderKLTemporalDecoderConfig)
+from vldm_jax.models.autoencoder import AutoencoderKLTemporalDecoder, AutoencoderKLTemporalDecoderConfig  # noqa: E402
 
 TOL = 1e-4
 # "svd": two resnets in the mid block (attention runs), as SVD. "deep": three levels and one mid resnet

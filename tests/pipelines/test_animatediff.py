@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.tiny_animatediff import (ADAPTERS, adapter_to_original, diffusers_animatediff,
-                                            make_adapter_folder, tiny_adapter)
+from tests.helpers.tiny_animatediff import (
+    ADAPTERS,
+    adapter_to_original,
+    diffusers_animatediff,
+    make_adapter_folder,
+    tiny_adapter,
+)
 from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder
 
 FRAMES, STEPS, SIZE = 8, 2, 16  # tiny VAE: factor 2, so 8x8 latents

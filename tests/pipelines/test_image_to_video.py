@@ -19,8 +19,7 @@ from tests.helpers import tiny_svd  # noqa: E402
 from vldm_jax.checkpoints.svd_single_file import SVD_SCHEDULER_CONFIG, split_svd_checkpoint  # noqa: E402
 from vldm_jax.errors import CheckpointError, UserError  # noqa: E402
 from vldm_jax.pipelines import image_to_video as i2v  # noqa: E402
-from vldm_jax.pipelines.image_to_video import (ImageToVideoPipeline, clip_pixels, resize_with_antialiasing,  # noqa: E402
-                                               vae_pixels)
+from vldm_jax.pipelines.image_to_video import ImageToVideoPipeline, clip_pixels, resize_with_antialiasing, vae_pixels  # noqa: E402
 
 # batch, frames, height, width, steps, (min, max) guidance, decode chunk: guided, chunked, non-square.
 RUN = dict(b=1, f=3, height=16, width=24, steps=3, guidance=(1.0, 3.0), chunk=2)

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder, write_original_single_file
-
 import vldm_jax as vl
+from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder, write_original_single_file
 
 PROMPTS = ["a photo of a cat", "the dog"]
 NEGATIVE = "blurry"
@@ -43,7 +42,6 @@ def ours(folders):
 
 
 def _noise(pipe, batch, seed=0):
-    f = pipe.vae_scale_factor
     size = pipe.unet.config.sample_size
     return np.random.default_rng(seed).standard_normal((batch, size, size, 4)).astype(np.float32)
 

@@ -16,8 +16,7 @@ from tests.helpers.tiny_upscaler import make_tiny_upscaler_folder  # noqa: E402
 from vldm_jax.errors import UserError  # noqa: E402
 from vldm_jax.models.roles import temporal_filter  # noqa: E402
 from vldm_jax.models.unet import TemporalConfig, VideoUNet  # noqa: E402
-from vldm_jax.pipelines.upscale import (UpscalePipeline, VideoUpscalePipeline, make_denoiser,  # noqa: E402
-                                        tile_layout)
+from vldm_jax.pipelines.upscale import UpscalePipeline, VideoUpscalePipeline, make_denoiser, tile_layout  # noqa: E402
 
 F, H, W = 3, 16, 12
 STEPS = 2

@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 
 from tests.train.tiny import tiny_arrays, tiny_config, tiny_data, tiny_encoding_setup, tiny_setup  # noqa: E402
 from vldm_jax.parallel import mesh as meshlib
-from vldm_jax.train import loop, state as statelib  # noqa: E402
+from vldm_jax.train import loop  # noqa: E402
+from vldm_jax.train import state as statelib
 
 
 def result(obj) -> None:

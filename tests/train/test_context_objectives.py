@@ -17,9 +17,14 @@ from tests.train.tiny import classic_threefry  # noqa: F401  (module fixture: cl
 from vldm_jax.errors import ConfigError
 from vldm_jax.models.roles import is_temporal_path
 from vldm_jax.train.config import load_config
-from vldm_jax.train.context_objectives import (InterpolationObjective, PredictionObjective, build_interpolation_setup,
-                                               build_prediction_setup, check_interpolation_frames,
-                                               frame_weighted_loss)
+from vldm_jax.train.context_objectives import (
+    InterpolationObjective,
+    PredictionObjective,
+    build_interpolation_setup,
+    build_prediction_setup,
+    check_interpolation_frames,
+    frame_weighted_loss,
+)
 from vldm_jax.train.objectives import VideoModels, noise_schedule
 
 ROOT = Path(__file__).resolve().parents[2]

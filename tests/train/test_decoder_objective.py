@@ -12,9 +12,15 @@ from tests.helpers.random_params import random_model
 from vldm_jax.errors import ConfigError
 from vldm_jax.models.autoencoder import AutoencoderKL, AutoencoderKLConfig, AutoencoderKLTemporalDecoder
 from vldm_jax.models.discriminator import PatchDiscriminator3D, PatchDiscriminator3DConfig
-from vldm_jax.train.decoder_objective import (DecoderFinetuneModels, DecoderObjective, DecoderObjectiveConfig,
-                                              decoder_losses, lpips_distance, make_decoder_finetune_step,
-                                              trainable_filter)
+from vldm_jax.train.decoder_objective import (
+    DecoderFinetuneModels,
+    DecoderObjective,
+    DecoderObjectiveConfig,
+    decoder_losses,
+    lpips_distance,
+    make_decoder_finetune_step,
+    trainable_filter,
+)
 
 WARMUP = 6  # reconstruction-only steps before the discriminator switches on
 

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.train.tiny import classic_threefry  # noqa: F401  (module fixture)
 from vldm_jax.checkpoints.load import load_model
 from vldm_jax.data.moving_shapes import example
 from vldm_jax.errors import ConfigError
 from vldm_jax.train.config import load_config
 from vldm_jax.train.loop import ArrayBatches, train
-
-from tests.train.tiny import classic_threefry  # noqa: F401  (module fixture)
 
 SIZE = 32
 
@@ -176,9 +175,8 @@ def test_image_ldm_fine_tunes_a_diffusers_stable_diffusion_folder(tmp_path, arra
     """init_from (and model.pretrained) may be a diffusers StableDiffusionPipeline folder: the run starts from its
     U-Net and text encoder, whose outputs match the PyTorch modules, and fine-tunes the U-Net on our frames."""
     import torch
-    from flax import nnx
-
     from diffusers import StableDiffusionPipeline
+    from flax import nnx
 
     from tests.helpers.tiny_sd import make_tiny_sd_pipeline_folder
     from vldm_jax.train.objectives import build_setup

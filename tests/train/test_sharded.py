@@ -7,8 +7,12 @@ import jax
 import pytest
 
 from tests.train import _subproc
-from tests.train.tiny import classic_threefry  # noqa: F401 - autouse fixture
-from tests.train.tiny import tiny_config, tiny_data, tiny_setup
+from tests.train.tiny import (
+    classic_threefry,  # noqa: F401 - autouse fixture
+    tiny_config,
+    tiny_data,
+    tiny_setup,
+)
 from vldm_jax.parallel import mesh as meshlib
 from vldm_jax.train import loop
 

@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.train.tiny import classic_threefry  # noqa: F401 - autouse fixture
-from tests.train.tiny import tiny_arrays, tiny_config, tiny_data, tiny_setup
+from tests.train.tiny import (
+    classic_threefry,  # noqa: F401 - autouse fixture
+    tiny_arrays,
+    tiny_config,
+    tiny_data,
+    tiny_setup,
+)
 from vldm_jax.parallel import mesh as meshlib
-from vldm_jax.train import loop, state as statelib
+from vldm_jax.train import loop
+from vldm_jax.train import state as statelib
 from vldm_jax.train.objectives import VideoModels
 
 

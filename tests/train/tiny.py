@@ -12,8 +12,7 @@ from flax import nnx
 from vldm_jax.nn.temporal import AlphaBlender, conv3d
 from vldm_jax.train.config import load_config
 from vldm_jax.train.loop import ArrayBatches
-from vldm_jax.train.objectives import Setup
-from vldm_jax.train.objectives import TemporalObjective, VideoModels, noise_schedule
+from vldm_jax.train.objectives import Setup, TemporalObjective, VideoModels, noise_schedule
 
 C, F, H, W, S, D = 4, 4, 8, 8, 3, 16
 

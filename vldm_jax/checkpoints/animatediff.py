@@ -349,8 +349,8 @@ def load_motion_unet(folder: str | os.PathLike, *, allow_pickle: bool = False, d
 
 def image_unet_of(video_unet):
     """The image U-Net whose weights are ``video_unet``'s spatial layers (AnimateDiff: the same names)."""
-    from vldm_jax.models.roles import flat_arrays, merge_parts, spatial_filter
     from vldm_jax.checkpoints.convert import abstract_module
+    from vldm_jax.models.roles import flat_arrays, merge_parts, spatial_filter
     from vldm_jax.models.unet import UNet2DConditionModel
 
     config = video_unet.config.image_config()

@@ -45,8 +45,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from vldm_jax.checkpoints.convert import RenameTable
-from vldm_jax.checkpoints.single_file import (_indices, _rename_strict, _shape, _split_qkv, _unet_layout,
-                                              read_original_checkpoint, time_stack_rename, unet_rename_table)
+from vldm_jax.checkpoints.single_file import (
+    _indices,
+    _rename_strict,
+    _shape,
+    _split_qkv,
+    _unet_layout,
+    read_original_checkpoint,
+    time_stack_rename,
+    unet_rename_table,
+)
 from vldm_jax.errors import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."

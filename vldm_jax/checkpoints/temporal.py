@@ -92,9 +92,8 @@ def load_temporal(module_or_path, path: str | os.PathLike, *, seed: int = 0) -> 
 
     A temporal file that does not fit the U-Net is a CheckpointError naming the offending keys.
     """
-    from vldm_jax.models.unet import TemporalConfig, VideoUNet
-
     from vldm_jax.checkpoints.load import config_errors_name
+    from vldm_jax.models.unet import TemporalConfig, VideoUNet
 
     arrays, config = read_temporal(path)
     with config_errors_name(path, "temporal config"):

@@ -26,8 +26,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from vldm_jax.checkpoints.convert import RenameTable
-from vldm_jax.checkpoints.single_file import (VAE_RESNET_RENAME, VAE_SCALING_FACTOR, _indices, _rename_strict,
-                                              _shape, time_stack_rename, vae_rename_table)
+from vldm_jax.checkpoints.single_file import (
+    VAE_RESNET_RENAME,
+    VAE_SCALING_FACTOR,
+    _indices,
+    _rename_strict,
+    _shape,
+    time_stack_rename,
+    vae_rename_table,
+)
 from vldm_jax.errors import CheckpointError
 
 SVD_DECODER_PREFIX = "first_stage_model."

@@ -33,8 +33,9 @@ import numpy as np
 
 from vldm_jax.data import default_data_dir  # noqa: F401 - re-exported
 from vldm_jax.data._tf import download_and_prepare, tfds
-from vldm_jax.data.frames import fps_from_meta as _fps_from_meta, rgb as _rgb
+from vldm_jax.data.frames import fps_from_meta as _fps_from_meta
 from vldm_jax.data.frames import resize_center_crop  # noqa: F401 - re-exported
+from vldm_jax.data.frames import rgb as _rgb
 from vldm_jax.errors import UserError
 
 log = logging.getLogger("vldm_jax.data")

@@ -19,7 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.attention import Attention

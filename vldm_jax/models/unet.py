@@ -35,10 +35,20 @@ from vldm_jax.nn.attention import Transformer2DModel
 from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
+from vldm_jax.nn.temporal import (
+    CONTEXT_CONDITIONINGS,
+    FRAME_POSITION_ENCODINGS,
+    MERGE_STRATEGIES,
+    MotionModule,
+    SpatioTemporalResBlock,
+    TemporalContextEncoder,
+    TransformerSpatioTemporalModel,
+    context_input,
+    fold_frames,
+    unfold_frames,
+    zero_init_layer,
+)
 from vldm_jax.parallel.activations import videos_per_call
-from vldm_jax.nn.temporal import (CONTEXT_CONDITIONINGS, FRAME_POSITION_ENCODINGS, MERGE_STRATEGIES,
-                                  MotionModule, SpatioTemporalResBlock, TemporalContextEncoder, context_input, zero_init_layer,
-                                  TransformerSpatioTemporalModel, fold_frames, unfold_frames)
 
 IntOrTuple = Any  # int | tuple[int, ...] (| tuple[tuple[int, ...], ...] for transformer layers)
 

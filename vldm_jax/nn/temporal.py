@@ -21,7 +21,6 @@ from vldm_jax.nn.norm import GroupNorm, LayerNorm
 from vldm_jax.nn.resnet import ResnetBlock2D
 from vldm_jax.parallel.activations import constrain_folded, constrain_frame_tokens, constrain_video
 
-
 # ------------------------------------------------------------------------------------------ frame folding
 
 def fold_frames(x: jax.Array) -> jax.Array:

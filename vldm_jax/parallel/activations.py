@@ -32,7 +32,8 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vldm_jax.parallel.mesh import BATCH_AXES, tree_shardings
 

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.parallel.activations import activation_mesh

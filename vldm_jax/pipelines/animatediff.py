@@ -90,8 +90,12 @@ class AnimateDiffPipeline:
 
     @classmethod
     def _from_motion_pipeline_folder(cls, folder: Path, *, motion_adapter, tokenizer, allow_pickle, lora, dtype):
-        from vldm_jax.checkpoints.animatediff import (animatediff_unet, image_unet_of, load_motion_unet,
-                                                      read_motion_adapter)
+        from vldm_jax.checkpoints.animatediff import (
+            animatediff_unet,
+            image_unet_of,
+            load_motion_unet,
+            read_motion_adapter,
+        )
         from vldm_jax.checkpoints.load import load_model
         from vldm_jax.models.config import read_config_file
         from vldm_jax.models.tokenizer import load_tokenizer
@@ -123,9 +127,8 @@ class AnimateDiffPipeline:
         ``pyramid``, ``delayed_reverse_sawtooth``); the initial noise is rescheduled (``noise_type``:
         ``shuffle_context``, ``repeat_context`` or ``random``) so windows share noise (diffusers'
         ``enable_free_noise`` semantics)."""
-        from vldm_jax.pipelines.free_noise import check_free_noise_options
-
         from vldm_jax.nn.temporal import set_free_noise
+        from vldm_jax.pipelines.free_noise import check_free_noise_options
 
         context_length = context_length or self.unet.config.motion_max_seq_length
         check_free_noise_options(context_length, context_stride, weighting_scheme, noise_type,
