@@ -185,9 +185,9 @@ def _cmd_sample(args) -> int:
           file=sys.stderr, flush=True)
     if not todo:
         return 0
-    from vldm_jax.cli import _load_video_ldm
+    from vldm_jax.pipelines.text_to_video import TextToVideoPipeline, default_checkpoint
 
-    pipe = _load_video_ldm(args.checkpoint)
+    pipe = TextToVideoPipeline.from_pretrained(args.checkpoint if args.checkpoint is not None else default_checkpoint())
     factor = args.interpolate if args.interpolate is not None else pipe.default("interpolate", 1)
     fps = args.fps or pipe.default("fps", 8) * factor
     t0 = time.perf_counter()
