@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vldm_jax.errors import ConfigError
+
 
 def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     """``(h, w, 3)`` uint8 -> ``(height, width, 3)``: scale so the frame covers the target, crop the centre."""
@@ -40,3 +42,15 @@ def fps_from_meta(meta: dict, suffix: str) -> float:
     if meta.get("duration") and suffix == ".gif":
         return 1000.0 / float(meta["duration"])
     return 8.0
+
+
+def process_topology(num_processes: int | None, process_index: int | None) -> tuple[int, int]:
+    """``(process count, this process's index)``: the given values, else JAX's; checked."""
+    if num_processes is None or process_index is None:
+        import jax
+
+        num_processes = jax.process_count() if num_processes is None else num_processes
+        process_index = jax.process_index() if process_index is None else process_index
+    if not 0 <= process_index < num_processes:
+        raise ConfigError(f"process_index {process_index} is outside 0..{num_processes - 1}")
+    return int(num_processes), int(process_index)

@@ -20,22 +20,12 @@ import os
 import numpy as np
 
 from vldm_jax.data.array_record import decode_record, read_spec, shard_paths
+from vldm_jax.data.frames import process_topology
 from vldm_jax.errors import ConfigError, UserError
 
 log = logging.getLogger("vldm_jax.data")
 
 _STATE_VERSION = 1
-
-
-def _process_topology(num_processes: int | None, process_index: int | None) -> tuple[int, int]:
-    if num_processes is None or process_index is None:
-        import jax
-
-        num_processes = jax.process_count() if num_processes is None else num_processes
-        process_index = jax.process_index() if process_index is None else process_index
-    if not 0 <= process_index < num_processes:
-        raise ConfigError(f"process_index {process_index} is outside 0..{num_processes - 1}")
-    return int(num_processes), int(process_index)
 
 
 class _Example:
@@ -90,7 +80,7 @@ class GrainIterator:
         self.folder = os.fspath(folder)
         self.spec = spec = read_spec(folder)
         self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
-        self.num_processes, self.process_index = _process_topology(num_processes, process_index)
+        self.num_processes, self.process_index = process_topology(num_processes, process_index)
         stored = int(spec["num_frames"])
         self.num_frames = int(num_frames or stored)
         if not 1 <= self.num_frames <= stored:

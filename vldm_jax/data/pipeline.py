@@ -23,22 +23,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from vldm_jax.data._tf import tf, tfds
+from vldm_jax.data.frames import process_topology
 from vldm_jax.errors import ConfigError, UserError
 
 log = logging.getLogger("vldm_jax.data")
 
 _STATE_VERSION = 1
-
-
-def _process_topology(num_processes: int | None, process_index: int | None) -> tuple[int, int]:
-    if num_processes is None or process_index is None:
-        import jax
-
-        num_processes = jax.process_count() if num_processes is None else num_processes
-        process_index = jax.process_index() if process_index is None else process_index
-    if not 0 <= process_index < num_processes:
-        raise ConfigError(f"process_index {process_index} is outside 0..{num_processes - 1}")
-    return int(num_processes), int(process_index)
 
 
 def _epoch_seed(seed: int, epoch: int, process_index: int) -> int:
@@ -102,7 +92,7 @@ class DataIterator(Iterator[dict]):
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.num_processes, self.process_index = _process_topology(num_processes, process_index)
+        self.num_processes, self.process_index = process_topology(num_processes, process_index)
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle = bool(shuffle)
         self.num_frames = num_frames
