@@ -81,6 +81,18 @@ def classifier_free_guidance(
     return combine_guidance(out[:b], out[b:], scale, frame_axis)
 
 
+def text_guided_denoiser(unet: Callable, context, uncontext, guidance_scale, guided: bool) -> Callable:
+    """``(x, t) -> unet(x, t, context)``, with classifier-free guidance against ``uncontext`` when ``guided``
+    (the text-to-image and AnimateDiff denoisers)."""
+    def denoise(x, t):
+        if guided:
+            return classifier_free_guidance(lambda xx, tt, c: unet(xx, tt, c), x, t, context, uncontext,
+                                            guidance_scale)
+        return unet(x, t, context)
+
+    return denoise
+
+
 def per_frame_scales(min_scale: float, max_scale: float, num_frames: int) -> jax.Array:
     """``(F,)`` guidance scales rising linearly from the first frame to the last (SVD's default)."""
     return jnp.linspace(min_scale, max_scale, num_frames, dtype=jnp.float32)

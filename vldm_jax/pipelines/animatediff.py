@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.diffusion.guidance import classifier_free_guidance
+from vldm_jax.diffusion.guidance import text_guided_denoiser
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import UserError
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
@@ -32,11 +32,7 @@ def _denoise_video(unet_graph, unet_state, sampler, context, uncontext, noise, g
                    guided: bool, progress: bool):
     unet = nnx.merge(unet_graph, unet_state)
 
-    def denoise(x, t):
-        if guided:
-            return classifier_free_guidance(lambda xx, tt, c: unet(xx, tt, c), x, t, context, uncontext,
-                                            guidance_scale)
-        return unet(x, t, context)
+    denoise = text_guided_denoiser(unet, context, uncontext, guidance_scale, guided)
 
     return sample(denoise, sampler, noise, key=key, variance_noise=step_noise,
                   progress=advance if progress else None)

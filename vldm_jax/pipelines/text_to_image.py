@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vldm_jax.diffusion.guidance import classifier_free_guidance
+from vldm_jax.diffusion.guidance import text_guided_denoiser
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import UserError
 from vldm_jax.parallel.activations import activation_mesh, place_inputs, place_state
@@ -44,11 +44,7 @@ def _generate_body(unet_graph, unet_state, vae_graph, vae_state, sampler, contex
     unet = nnx.merge(unet_graph, unet_state)
     vae = nnx.merge(vae_graph, vae_state)
 
-    def denoise(x, t):
-        if guided:
-            return classifier_free_guidance(lambda xx, tt, c: unet(xx, tt, c), x, t, context, uncontext,
-                                            guidance_scale)
-        return unet(x, t, context)
+    denoise = text_guided_denoiser(unet, context, uncontext, guidance_scale, guided)
 
     latents = sample(denoise, sampler, noise, key=key, progress=advance if progress else None)
     images = vae.decode(latents / scaling_factor)
