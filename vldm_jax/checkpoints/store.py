@@ -27,6 +27,7 @@ from vldm_jax.checkpoints.convert import abstract_module, merge_arrays
 from vldm_jax.checkpoints.families import FAMILIES, config_errors_name, family_of
 from vldm_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
 from vldm_jax.errors import CheckpointError, ConfigError, UserError
+from vldm_jax.io.files import replace_folder
 from vldm_jax.models.config import config_from_dict, config_to_dict, read_config_file
 
 FORMAT_VERSION = 1
@@ -47,39 +48,13 @@ def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     try:
         yield tmp
-        if dst.exists():
-            if _exchange(tmp, dst):  # one atomic step: dst is never absent
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-                os.replace(dst, old)
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        replace_folder(tmp, dst)
     except OSError as e:  # a full disk or quota while writing: one line, the partial folder removed
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write {dst}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable. Replacing
-    a folder by two renames leaves a moment with no folder under the name, and a kill there loses it."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def class_name_of_module(module: nnx.Module) -> str:

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from vldm_jax.errors import UserError
+from vldm_jax.io.files import replace_folder
 
 log = logging.getLogger("vldm_jax.data")
 
@@ -361,13 +362,7 @@ def prepare_array_record(source: str | os.PathLike, out: str | os.PathLike, *, n
             (out_path / SPEC_FILE).write_text((staging / SPEC_FILE).read_text())  # last: marks it complete
             shutil.rmtree(staging)
         else:
-            if local_out.exists():  # overwrite: the old folder goes only once the new one is complete
-                old = local_out.with_name(f".{local_out.name}.old-{os.getpid()}")
-                os.replace(local_out, old)
-                os.replace(staging, local_out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, local_out)
+            replace_folder(staging, local_out)  # overwrite: the old folder goes only once the new one is complete
     except BaseException:
         for wr in writers:
             try:
