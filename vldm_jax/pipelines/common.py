@@ -93,6 +93,7 @@ def enable_compilation_cache() -> str | None:
     from pathlib import Path
 
     if jax.config.jax_compilation_cache_dir:
+        _cache_short_compiles()
         return jax.config.jax_compilation_cache_dir
     setting = os.environ.get("VLDM_COMPILATION_CACHE")
     if setting == "0":
@@ -103,10 +104,19 @@ def enable_compilation_cache() -> str | None:
     except OSError:
         return None  # a read-only home: run without the cache
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    # Cache every compiled program that took noticeable time; the sampling loops take seconds.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _cache_short_compiles()
     return str(folder)
+
+
+def _cache_short_compiles() -> None:
+    """Caches every compiled program that took noticeable time (JAX's default keeps only those over 1 s, which on a
+    fast machine leaves the small default model's loops out), unless the user set the thresholds themselves."""
+    import os
+
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @functools.partial(jax.jit, static_argnames=("text_graph", "clip_skip"))
