@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--i3d", default=str(DEFAULT_I3D), help="feature network folder (scripts/train_shapes_i3d.py)")
     p.add_argument("--checkpoint", default=None, help="Video LDM pipeline folder (default: the bundled model)")
-    p.add_argument("--n", type=int, default=60, help="videos per set (prompts cycle)")
+    p.add_argument("--n", type=int, default=60, help="videos per set (up to 60: evenly spaced prompts; more cycle)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the generated rows")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--json", default=None)
@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     from vldm_jax.pipelines.text_to_video import TextToVideoPipeline, default_checkpoint
 
     es = _evaluate_shapes()
-    prompts = [es.PROMPTS[i % len(es.PROMPTS)] for i in range(args.n)]
+    # n <= 60: evenly spaced prompts (every colour, shape and direction from 12 on); more cycle through all 60
+    prompts = (es.prompt_subset(args.n) if args.n <= len(es.PROMPTS)
+               else [es.PROMPTS[i % len(es.PROMPTS)] for i in range(args.n)])
     size, frames = 64, 17
     net_size = 32  # the feature network sees 32x32 frames (scripts/train_shapes_i3d.py)
     t_start = time.perf_counter()
