@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--cache", default=None, help="keep the generated samples here (samples.npz) and reuse them")
     p.add_argument("--samples-only", action="store_true", help="generate (and cache) the samples, then stop")
+    p.add_argument("--real-only", action="store_true", help="only the rendered rows (no sampling): checks the "
+                                                               "feature network")
     p.add_argument("--temporal-decoder", default=None,
                    help="a temporal VAE folder (scripts/finetune_shapes_decoder.py): adds the row that decodes the "
                         "Video LDM's latents with it instead of the image decoder")
@@ -134,7 +136,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     timings = {}
     cache = Path(args.cache) / f"samples_n{args.n}_seed{args.seed}_steps{args.steps}.npz" if args.cache else None
-    if cache is not None and cache.is_file():
+    latents = None
+    if args.real_only:
+        base = videos = None
+        factor = 4
+    elif cache is not None and cache.is_file():
         with np.load(cache) as f:
             base, videos, factor = f["base"], f["videos"], int(f["factor"])
             latents = f["latents"] if "latents" in f else None
@@ -172,10 +178,11 @@ def main(argv=None) -> int:
     real = render_for_prompts(prompts, frames, size, seed=1)
     sets["real (other clips)"] = (real[:, ::4], real)
     sets["real, frames shuffled"] = (es.shuffled(real[:, ::4], seed=2), es.shuffled(real, seed=2))
-    sets["image-only baseline (temporal layers off)"] = (base, None)
-    sets["Video LDM key frames"] = (videos[:, ::factor], None)
-    sets[f"Video LDM key frames + interpolation x{factor}"] = (None, videos)
-    if args.temporal_decoder:
+    if not args.real_only:
+        sets["image-only baseline (temporal layers off)"] = (base, None)
+        sets["Video LDM key frames"] = (videos[:, ::factor], None)
+        sets[f"Video LDM key frames + interpolation x{factor}"] = (None, videos)
+    if args.temporal_decoder and not args.real_only:
         if latents is None:
             raise SystemExit(f"{cache} holds no latents (made before --temporal-decoder existed); delete it")
         from vldm_jax.checkpoints.store import load_converted
