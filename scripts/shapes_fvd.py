@@ -3,7 +3,8 @@ scripts/train_shapes_i3d.py) beside the pixel judge's numbers (vldm_jax.eval.sha
 reports them), for real clips, shuffled-frame real clips, the image-only baseline, the bundled Video LDM's key
 frames, and its key frames + interpolation.
 
-    python scripts/shapes_fvd.py --cache runs/shapes_fvd --json docs/shapes_fvd.json   # sampling ~11 min of CPU, FVD 30 s
+    python scripts/shapes_fvd.py --cache runs/shapes_fvd --temporal-decoder runs/shapes_decoder/vae \
+        --json docs/shapes_fvd.json   # sampling ~11 min of CPU, FVD 30 s
 
 Sets (``--n`` videos each, default 60 = every colour x shape x direction prompt once, 64x64):
 
@@ -13,12 +14,13 @@ Sets (``--n`` videos each, default 60 = every colour x shape x direction prompt 
 - ``image-only baseline``: the bundled Video LDM's key-frame U-Net with every temporal layer switched off (the
   AlphaBlenders' alpha = 1: exactly its frozen image LDM), 5 frames sampled together: independent images.
 - ``Video LDM key frames``: the bundled model's 5 key frames; ``+ interpolation x4``: the same samples after the
-  interpolation model (17 frames).
+  interpolation model (17 frames), decoded frame by frame by the bundled image decoder.
+- ``+ fine-tuned temporal decoder`` (with ``--temporal-decoder``): the same latents decoded by a temporal
+  decoder. The bundled model has none; scripts/finetune_shapes_decoder.py fine-tunes one briefly from the
+  bundled image VAE (a few minutes of CPU: a stand-in for the paper's decoder fine-tuning, not a reproduction).
 
 Two FVD columns: on 5 frames (the key-frame rate: the reference and real rows take every 4th frame) and on
-17 frames. Small sets (60 videos against a 120-d feature space) make FVD biased upwards; the real-vs-real row
-gives the floor. The paper's further row, + fine-tuned decoder, needs a temporal decoder the bundled model
-does not ship (its decoder is the image VAE's).
+17 frames. Small sets (60 videos) make FVD biased upwards; the real-vs-real row gives the floor.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def image_only(pipe):
                                clip_skip=pipe.clip_skip, defaults=pipe.defaults)
 
 
+def _decoder_note(folder) -> str:
+    info = Path(folder).parent / "training.json"
+    if info.is_file():
+        steps = json.loads(info.read_text()).get("steps")
+        return f"{steps} steps here"
+    return Path(folder).name
+
+
 def table(rows: dict, judge_rows: dict) -> str:
     head = ("| set | n | FVD, 5 frames | FVD, 17 frames | judge ok % | colour % | shape % | direction % | "
             "R²≥0.8 % |\n|---|---|---|---|---|---|---|---|---|")
@@ -97,12 +107,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--i3d", default=str(DEFAULT_I3D), help="feature network folder (scripts/train_shapes_i3d.py)")
     p.add_argument("--checkpoint", default=None, help="Video LDM pipeline folder (default: the bundled model)")
-    p.add_argument("--n", type=int, default=60, help="videos per set (prompts cycle)")
+    p.add_argument("--n", type=int, default=60, help="videos per set (up to 60: evenly spaced prompts; more cycle)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the generated rows")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--json", default=None)
     p.add_argument("--cache", default=None, help="keep the generated samples here (samples.npz) and reuse them")
     p.add_argument("--samples-only", action="store_true", help="generate (and cache) the samples, then stop")
+    p.add_argument("--real-only", action="store_true", help="only the rendered rows (no sampling): checks the "
+                                                               "feature network")
+    p.add_argument("--temporal-decoder", default=None,
+                   help="a temporal VAE folder (scripts/finetune_shapes_decoder.py): adds the row that decodes the "
+                        "Video LDM's latents with it instead of the image decoder")
     args = p.parse_args(argv)
 
     from vldm_jax.checkpoints.i3d import load_i3d
@@ -113,15 +128,22 @@ def main(argv=None) -> int:
     from vldm_jax.pipelines.text_to_video import TextToVideoPipeline, default_checkpoint
 
     es = _evaluate_shapes()
-    prompts = [es.PROMPTS[i % len(es.PROMPTS)] for i in range(args.n)]
+    # n <= 60: evenly spaced prompts (every colour, shape and direction from 12 on); more cycle through all 60
+    prompts = (es.prompt_subset(args.n) if args.n <= len(es.PROMPTS)
+               else [es.PROMPTS[i % len(es.PROMPTS)] for i in range(args.n)])
     size, frames = 64, 17
     net_size = 32  # the feature network sees 32x32 frames (scripts/train_shapes_i3d.py)
     t_start = time.perf_counter()
     timings = {}
     cache = Path(args.cache) / f"samples_n{args.n}_seed{args.seed}_steps{args.steps}.npz" if args.cache else None
-    if cache is not None and cache.is_file():
+    latents = None
+    if args.real_only:
+        base = videos = None
+        factor = 4
+    elif cache is not None and cache.is_file():
         with np.load(cache) as f:
             base, videos, factor = f["base"], f["videos"], int(f["factor"])
+            latents = f["latents"] if "latents" in f else None
     else:
         t = time.perf_counter()
         pipe = TextToVideoPipeline.from_pretrained(args.checkpoint or default_checkpoint())
@@ -132,12 +154,14 @@ def main(argv=None) -> int:
         base = to_uint8(image_only(pipe)(prompts, interpolate=1, num_inference_steps=args.steps, seed=args.seed))
         timings["image-only samples"] = time.perf_counter() - t
         t = time.perf_counter()
-        videos = to_uint8(pipe(prompts, interpolate=factor, num_inference_steps=args.steps, seed=args.seed))
+        videos, latents = pipe(prompts, interpolate=factor, num_inference_steps=args.steps, seed=args.seed,
+                               return_latents=True)
+        videos, latents = to_uint8(videos), np.asarray(latents)
         timings["Video LDM samples"] = time.perf_counter() - t
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".{cache.name}.tmp.npz")
-            np.savez(tmp, base=base, videos=videos, factor=factor)
+            np.savez(tmp, base=base, videos=videos, factor=factor, latents=latents)
             tmp.replace(cache)
     print(f"samples: {json.dumps({k: round(v, 1) for k, v in timings.items()})}", file=sys.stderr, flush=True)
     if args.samples_only:
@@ -154,9 +178,22 @@ def main(argv=None) -> int:
     real = render_for_prompts(prompts, frames, size, seed=1)
     sets["real (other clips)"] = (real[:, ::4], real)
     sets["real, frames shuffled"] = (es.shuffled(real[:, ::4], seed=2), es.shuffled(real, seed=2))
-    sets["image-only baseline (temporal layers off)"] = (base, None)
-    sets["Video LDM key frames"] = (videos[:, ::factor], None)
-    sets[f"Video LDM key frames + interpolation x{factor}"] = (None, videos)
+    if not args.real_only:
+        sets["image-only baseline (temporal layers off)"] = (base, None)
+        sets["Video LDM key frames"] = (videos[:, ::factor], None)
+        sets[f"Video LDM key frames + interpolation x{factor}"] = (None, videos)
+    if args.temporal_decoder and not args.real_only:
+        if latents is None:
+            raise SystemExit(f"{cache} holds no latents (made before --temporal-decoder existed); delete it")
+        from vldm_jax.checkpoints.store import load_converted
+        from vldm_jax.pipelines.stages import LatentCodec
+
+        t = time.perf_counter()
+        codec = LatentCodec(load_converted(args.temporal_decoder))
+        decoded = np.concatenate([to_uint8(np.asarray(codec.decode(latents[i:i + 10], chunk=None)))
+                                  for i in range(0, len(latents), 10)])  # the whole clip in one chunk
+        timings["temporal decoding"] = time.perf_counter() - t
+        sets[f"+ fine-tuned temporal decoder (same latents; {_decoder_note(args.temporal_decoder)})"] = (None, decoded)
 
     rows, judged = {}, {}
     t = time.perf_counter()

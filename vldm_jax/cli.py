@@ -225,7 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, metavar="ITEM", help="run only these items (see the script)")
     p.add_argument("--out", default="results.json", help="JSON file to write")
 
-    from vldm_jax import cli_eval  # vldm eval fvd|clipsim, vldm sample
+    from vldm_jax import cli_eval  # vldm eval fvd|fid|clipsim, vldm sample
 
     cli_eval.add_parsers(sub)
     return parser
@@ -676,7 +676,7 @@ COMMANDS["prepare"] = _cmd_prepare
 CACHED_COMMANDS = ("txt2img", "generate", "interpolate", "animate", "upscale")
 
 
-def _register_eval_commands():  # vldm eval fvd|clipsim, vldm sample (vldm_jax/cli_eval.py)
+def _register_eval_commands():  # vldm eval fvd|fid|clipsim, vldm sample (vldm_jax/cli_eval.py)
     global CACHED_COMMANDS
     from vldm_jax import cli_eval
 

@@ -1,4 +1,4 @@
-"""``vldm eval fvd|clipsim`` and ``vldm sample``: the paper's metrics and the evaluation sets they judge.
+"""``vldm eval fvd|fid|clipsim`` and ``vldm sample``: the paper's metrics and the evaluation sets they judge.
 
 Kept apart from cli.py (which registers these with :func:`add_parsers` and :data:`COMMANDS`) so each command
 family is one block.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("eval", help="metrics: FVD (I3D) between two video sets, CLIPSIM of videos and prompts")
+    p = sub.add_parser("eval", help="metrics: FVD (I3D) and per-frame FID (Inception) between two sets, CLIPSIM of videos and prompts")
     ev = p.add_subparsers(dest="metric", required=True, parser_class=type(p))
 
     q = ev.add_parser("fvd", help="Fréchet Video Distance between two folders of videos (mp4/gif/webp) or "
@@ -28,6 +28,21 @@ def add_parsers(sub) -> None:
     q.add_argument("--limit", type=int, default=None, help="use at most this many videos of each set")
     q.add_argument("--save-stats", default=None, help="also write the real set's statistics (.npz) for reuse")
     _common(q)
+
+    q = ev.add_parser("fid", help="per-frame Fréchet Inception Distance between two folders of images and/or "
+                                  "videos (every frame) or prepared array_record datasets; a saved .npz of "
+                                  "statistics also works")
+    q.add_argument("real")
+    q.add_argument("generated")
+    q.add_argument("--inception", required=True, help="FID Inception weights: pytorch-fid's "
+                                                      "pt_inception-2015-12-05 as .safetensors, .pth with "
+                                                      "--allow-pickle, or a folder with inception_config.json")
+    q.add_argument("--frames", type=int, default=None, help="first frames of each video used (default: all)")
+    q.add_argument("--size", type=int, default=299, help="frames resized to SIZE x SIZE (default 299)")
+    q.add_argument("--antialias", action="store_true", help="antialiased resize (pytorch-fid does not)")
+    q.add_argument("--limit", type=int, default=None, help="use at most this many files (videos or images) a set")
+    q.add_argument("--save-stats", default=None, help="also write the real set's statistics (.npz) for reuse")
+    _common(q, batch=32, unit="frames")
 
     q = ev.add_parser("clipsim", help="mean per-frame CLIP image-text cosine similarity of videos and prompts")
     q.add_argument("videos", help="folder of videos (sorted by name)")
@@ -57,8 +72,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="video i (prompt p, sample k; i = p * K + k) uses seed + i")
 
 
-def _common(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--batch", type=int, default=8, help="videos per device step (rounded up to the device count)")
+def _common(q: argparse.ArgumentParser, batch: int = 8, unit: str = "videos") -> None:
+    q.add_argument("--batch", type=int, default=batch, help=f"{unit} per device step (rounded up to the device "
+                                                            f"count; default {batch})")
     q.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=8 (default: every device on data)")
     q.add_argument("--allow-pickle", action="store_true", help="allow .pt/.bin pickle weights (trusted files only)")
     q.add_argument("--json", default=None, help="write the result here (JSON, atomically)")
@@ -88,7 +104,7 @@ def _cmd_eval(args) -> int:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be at least 1 (got {v})")
-    return {"fvd": _eval_fvd, "clipsim": _eval_clipsim}[args.metric](args)
+    return {"fvd": _eval_fvd, "fid": _eval_fid, "clipsim": _eval_clipsim}[args.metric](args)
 
 
 def _eval_fvd(args) -> int:
@@ -112,6 +128,32 @@ def _eval_fvd(args) -> int:
                          save_stats=args.save_stats, progress=progress)
     print(file=sys.stderr)
     out.update(frames=args.frames, size=args.size, i3d=str(args.i3d))
+    return _finish(out, args)
+
+
+def _eval_fid(args) -> int:
+    from vldm_jax.checkpoints.inception import load_inception
+    from vldm_jax.errors import UserError
+    from vldm_jax.eval.fid import fid_of_folders, inception_extractor
+    from vldm_jax.models.inception import MIN_SIZE
+
+    for path in (args.real, args.generated):
+        if not Path(path).exists():
+            raise UserError(f"not found: {path}")
+    if args.size < MIN_SIZE:
+        raise UserError(f"--size must be at least {MIN_SIZE} (the Inception's smallest input), got {args.size}")
+    model = load_inception(args.inception, allow_pickle=args.allow_pickle)
+    ex = inception_extractor(model, size=args.size, batch_size=args.batch, mesh=_mesh(args.mesh),
+                             antialias=args.antialias)
+    t0 = time.perf_counter()
+
+    def progress(n):
+        print(f"\r{n} frames ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+
+    out = fid_of_folders(args.real, args.generated, ex, frames=args.frames, limit=args.limit,
+                         save_stats=args.save_stats, progress=progress)
+    print(file=sys.stderr)
+    out.update(frames=args.frames, size=args.size, inception=str(args.inception))
     return _finish(out, args)
 
 
