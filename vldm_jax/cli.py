@@ -55,10 +55,9 @@ def _generate_animatediff(args, outs) -> int:
         raise UserError("--interpolate and --upscale are Video LDM stages; AnimateDiff has neither")
     if args.free_noise is not None and args.free_noise < 1:
         raise UserError(f"--free-noise must be at least 1 (got {args.free_noise})")
-    if args.rollout != 1:
-        raise UserError("--rollout applies to Video LDM pipelines, not to AnimateDiff (--motion-adapter)")
+    if args.mesh or args.rollout != 1:
+        raise UserError("--mesh and --rollout apply to Video LDM pipelines, not to AnimateDiff (--motion-adapter)")
     loras = _parse_loras(args.lora)
-    mesh = _mesh(args.mesh)
     t0 = time.perf_counter()
     pipe = AnimateDiffPipeline.from_pretrained(args.checkpoint, motion_adapter=args.motion_adapter,
                                                tokenizer=args.tokenizer, allow_pickle=args.allow_pickle, lora=loras)
@@ -67,7 +66,7 @@ def _generate_animatediff(args, outs) -> int:
     videos = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames or 16, height=args.height,
                   width=args.width, num_inference_steps=args.steps or 25,
                   guidance_scale=7.5 if args.guidance is None else args.guidance, scheduler=args.scheduler,
-                  seed=args.seed, decode_chunk_size=args.decode_chunk, progress=True, mesh=mesh)
+                  seed=args.seed, decode_chunk_size=args.decode_chunk, progress=True)
     fps = args.fps or 8
     for out, video in zip(outs, videos):
         write_video(out, video, fps=fps)

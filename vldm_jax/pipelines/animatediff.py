@@ -22,22 +22,20 @@ from flax import nnx
 from vldm_jax.diffusion.guidance import text_guided_denoiser
 from vldm_jax.diffusion.samplers import SAMPLER_NAMES, make_sampler, sample
 from vldm_jax.errors import UserError
-from vldm_jax.parallel.activations import activation_mesh, place_inputs, place_state
 from vldm_jax.pipelines.common import advance, denoising_bar, encode_prompts, initial_noise
 
 SCHEDULERS = SAMPLER_NAMES
 
 
-@functools.partial(jax.jit, static_argnames=("unet_graph", "guided", "progress", "mesh"))
+@functools.partial(jax.jit, static_argnames=("unet_graph", "guided", "progress"))
 def _denoise_video(unet_graph, unet_state, sampler, context, uncontext, noise, guidance_scale, key, step_noise,
-                   guided: bool, progress: bool, mesh=None):
-    with activation_mesh(mesh):
-        unet = nnx.merge(unet_graph, unet_state)
+                   guided: bool, progress: bool):
+    unet = nnx.merge(unet_graph, unet_state)
 
-        denoise = text_guided_denoiser(unet, context, uncontext, guidance_scale, guided)
+    denoise = text_guided_denoiser(unet, context, uncontext, guidance_scale, guided)
 
-        return sample(denoise, sampler, noise, key=key, variance_noise=step_noise,
-                      progress=advance if progress else None)
+    return sample(denoise, sampler, noise, key=key, variance_noise=step_noise,
+                  progress=advance if progress else None)
 
 
 class AnimateDiffPipeline:
@@ -156,14 +154,12 @@ class AnimateDiffPipeline:
                  num_frames: int = 16, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 7.5, scheduler: str = "ddim",
                  seed: int = 0, latents=None, decode_chunk_size: int = 16, eta: float = 0.0,
-                 step_noise=None, progress: bool = False, return_latents: bool = False, mesh=None) -> np.ndarray:
+                 step_noise=None, progress: bool = False, return_latents: bool = False) -> np.ndarray:
         """Frames ``(B, F, H, W, 3)`` float32 in [0, 1] (with ``return_latents``, the final latents
         ``(B, F, h, w, 4)``). ``latents``: optional unit-variance initial noise ``(B, F, h, w, 4)`` (with
         FreeNoise used as given, as diffusers does). ``step_noise``: for stochastic samplers (``lcm``, DDIM with
         ``eta``), the fresh noise of every step ``(num_inference_steps, B, F, h, w, 4)`` instead of drawing it from
-        ``seed`` (to reproduce another implementation's run). ``mesh``: a :func:`vldm_jax.parallel.make_mesh` mesh,
-        as for the Video LDM pipelines: prompts over ``data``, each video's frames over ``context``, parameters
-        over ``fsdp``; the decode takes one chunk per ``context`` device."""
+        ``seed`` (to reproduce another implementation's run)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         f = self.vae_scale_factor
@@ -214,16 +210,10 @@ class AnimateDiffPipeline:
                                 f"(got {tuple(step_noise.shape)})")
             if not sampler.is_stochastic:
                 step_noise = None
-        unet_state = self._unet_state
-        if mesh is not None and mesh.devices.size > 1:
-            unet_state = place_state(unet_state, mesh)
-            context, uncontext, noise = place_inputs(mesh, context, uncontext, noise)
-        else:
-            mesh = None
         with denoising_bar(num_inference_steps, progress):
-            out = _denoise_video(self._unet_graph, unet_state, sampler, context, uncontext, noise,
+            out = _denoise_video(self._unet_graph, self._unet_state, sampler, context, uncontext, noise,
                                  jnp.float32(guidance_scale), sample_key, step_noise, guided=guided,
-                                 progress=progress, mesh=mesh)
+                                 progress=progress)
         if return_latents:
             return np.asarray(out, np.float32)
-        return np.asarray(self.codec.decode(out, chunk=int(decode_chunk_size), mesh=mesh), np.float32)
+        return np.asarray(self.codec.decode(out, chunk=int(decode_chunk_size)), np.float32)
