@@ -1,6 +1,8 @@
 """Kill harness: SIGKILL writers at random moments and check that nothing half-written carries a final name.
 
-    python scripts/kill_harness.py --kills 60 [--writers image,video,checkpoint,convert] [--seed 0] [--json out.json]
+    python scripts/kill_harness.py --kills 60 [--writers image,video,checkpoint,convert,prepare] [--seed 0] \
+        [--json out.json]
+    python scripts/kill_harness.py --per-writer image=7,video=7,checkpoint=12,convert=12,prepare=12
 
 Each writer runs in a worker subprocess (``--worker NAME DIR``) that loads what it needs once, says READY, then
 writes new versions of one result under its final name in a loop, through the production code:
@@ -10,12 +12,14 @@ writes new versions of one result under its final name in a loop, through the pr
 * ``checkpoint``: the training loop's orbax ``Checkpoints`` (asynchronous saves, max_to_keep=2), as ``vldm train``
   saves every ``checkpoint_every`` steps;
 * ``convert``: ``save_pretrained`` of the bundled pipeline (``atomic_folder``: what ``vldm convert`` writes) over
-  an existing folder.
+  an existing folder;
+* ``prepare``: ``prepare_array_record`` (what ``vldm prepare --overwrite`` runs) of a list of 8 GIF clips into 2
+  array_record shards + spec.json over an existing prepared folder.
 
 The parent kills the worker after a random delay (uniform over a few write durations, so kills land all over
 the write), then checks: the result under the final name is complete and loads (the previous version or a new
 complete one), no file under the final name is partial, and a rerun (a fresh worker writing once) completes.
-To add a writer (the array_record preparation, AnimateDiff exports...), add a :class:`Writer` to ``WRITERS``.
+To add a writer (AnimateDiff exports...), add a :class:`Writer` to ``WRITERS``.
 """
 
 from __future__ import annotations
@@ -208,7 +212,53 @@ class ConvertWriter(Writer):
         TextToVideoPipeline.from_pretrained(self.folder / "converted", upsampler=False)
 
 
-WRITERS = {w.name: w for w in (ImageWriter, VideoWriter, CheckpointWriter, ConvertWriter)}
+class PrepareWriter(Writer):
+    name = "prepare"
+    period = 0.6
+    clips = 8
+
+    def setup(self):
+        import numpy as np
+
+        from vldm_jax.io.video import write_video
+
+        self.np = np
+        videos = self.folder / "videos"
+        if not videos.exists():  # the clips are inputs, written once (by the first worker) before any kill
+            staging = self.folder / f".videos-{os.getpid()}"
+            staging.mkdir()
+            for i in range(self.clips):
+                v = np.zeros((12, 64, 64, 3), np.uint8)
+                v[..., 0] = i * 30
+                v[..., 1] = np.arange(12)[:, None, None] * 20
+                write_video(staging / f"clip{i}.gif", v, fps=8)
+            os.replace(staging, videos)
+        self.out = self.folder / "prepared"
+
+    def write(self, version):
+        from vldm_jax.data.array_record import prepare_array_record
+
+        source = self.folder / "videos" / f"list-{os.getpid()}.csv"  # captions carry the version
+        source.write_text("path,caption\n" + "".join(f"clip{i}.gif,version {version} clip {i}\n"
+                                                     for i in range(self.clips)))
+        prepare_array_record(source, self.out, num_frames=8, resolution=32, shards=2, workers=2, overwrite=True,
+                             echo=lambda m: None)
+
+    def check(self):
+        from vldm_jax.data.array_record import iter_records, read_spec
+
+        spec = read_spec(self.out)
+        assert spec["num_examples"] == self.clips and spec["num_skipped"] == 0, spec
+        records = list(iter_records(self.out))
+        assert len(records) == self.clips, f"{len(records)} records, spec says {self.clips}"
+        versions = {int(str(r["caption"]).split()[1]) for r in records}
+        assert len(versions) == 1, f"records of several versions: {versions}"
+        for r in records:
+            assert r["video"].shape == (8, 32, 32, 3), r["video"].shape
+        return versions.pop()
+
+
+WRITERS = {w.name: w for w in (ImageWriter, VideoWriter, CheckpointWriter, ConvertWriter, PrepareWriter)}
 
 
 # --------------------------------------------------------------------------------------------------- worker
@@ -306,6 +356,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=60, help="total kills, spread over the writers")
     p.add_argument("--writers", default=",".join(WRITERS))
+    p.add_argument("--per-writer", default=None, metavar="NAME=N,...", help="kills per writer (instead of --kills "
+                   "and --writers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--json", default=None, help="write the counts here")
@@ -320,9 +372,15 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     names = [n for n in args.writers.split(",") if n]
+    per = [args.kills // len(names) + (i < args.kills % len(names)) for i in range(len(names))]
+    if args.per_writer:
+        pairs = [item.split("=") for item in args.per_writer.split(",") if item]
+        names, per = [n for n, _ in pairs], [int(k) for _, k in pairs]
+    unknown = sorted(set(names) - set(WRITERS))
+    if unknown:
+        p.error(f"unknown writer(s) {unknown}; known: {sorted(WRITERS)}")
     base = Path(args.dir or tempfile.mkdtemp(prefix="vldm_kill_"))
     rng = random.Random(args.seed)
-    per = [args.kills // len(names) + (i < args.kills % len(names)) for i in range(len(names))]
     results = []
     for name, n in zip(names, per):
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.hardening._hyp import examples
+from tests.hardening._hyp import examples, outcome
 from vldm_jax.checkpoints.load import load_model
 from vldm_jax.checkpoints.safetensors_io import write_safetensors
 from vldm_jax.diffusion.samplers import make_sampler
@@ -39,6 +39,7 @@ def _check(fn, path):
         fn()
     except UserError as e:
         assert str(path.name) in str(e) or str(path.parent.name) in str(e), e
+        outcome(e, path.parent)
         return
     raise AssertionError("a malformed config was accepted")
 
@@ -93,6 +94,9 @@ def test_vldm_config(converted, data):
         load_model(converted)
     except UserError as e:
         assert "vae" in str(e), e
+        outcome(e, converted)
+        return
+    outcome()
 
 
 @examples(40)
@@ -104,8 +108,10 @@ def test_vldm_config(converted, data):
 def test_scheduler_config(name, config, steps):
     try:
         sampler = make_sampler(name, config, steps)
-    except UserError:
+    except UserError as e:
+        outcome(e)
         return
+    outcome()
     leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(sampler) if hasattr(x, "shape")]
     assert all(x.size < 10**6 for x in leaves)
 
@@ -138,3 +144,6 @@ def test_model_index(pipeline_copy, data):
         TextToVideoPipeline.from_pretrained(pipeline_copy, upsampler=False)
     except UserError as e:
         assert "model" in str(e), e
+        outcome(e, pipeline_copy)
+        return
+    outcome()

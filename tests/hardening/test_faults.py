@@ -20,12 +20,14 @@ _spec.loader.exec_module(harness)
 @pytest.mark.parametrize("writer, kills", [
     ("image", 3), ("video", 3),
     pytest.param("checkpoint", 2, marks=pytest.mark.slow), pytest.param("convert", 1, marks=pytest.mark.slow),
+    pytest.param("prepare", 2, marks=pytest.mark.slow),
 ])
 def test_sigkill_mid_write_leaves_a_whole_result(tmp_path, writer, kills):
     r = harness.run_writer(writer, kills, tmp_path, random.Random(writer))
     assert r["kills"] == kills
     assert r["corrupt"] == 0 and r["intact"] == kills, r
     assert r["reruns_ok"] == 1, r
+    assert r["final_leftovers"] == [], r  # the rerun removed the killed writers' temporaries
 
 
 FULL_DISK = r"""

@@ -8,10 +8,10 @@ import struct
 import numpy as np
 import pytest
 import yaml
-from hypothesis import example, given
+from hypothesis import example, given, target
 from hypothesis import strategies as st
 
-from tests.hardening._hyp import examples
+from tests.hardening._hyp import examples, outcome
 from vldm_jax.errors import UserError
 from vldm_jax.train.config import load_config
 
@@ -36,6 +36,9 @@ def test_yaml_config(tmp_path_factory, doc):
         load_config(path)
     except UserError as e:
         assert "\n" not in str(e)
+        outcome(e, path)
+        return
+    outcome()
 
 
 @examples(80)
@@ -50,6 +53,9 @@ def test_set_overrides(pairs):
         load_config(None, [f"{k}={v}" for k, v in pairs])
     except UserError as e:
         assert "\n" not in str(e)
+        outcome(e)
+        return
+    outcome()
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +72,7 @@ def test_tokenizer_any_prompt(tokenizer, prompt):
 
     ids = tokenize(tokenizer, [prompt])
     assert ids.shape == (1, 77) and ids.min() >= 0 and ids.max() < len(tokenizer)
+    target(float(min(len(prompt), 10_000)), label="prompt characters")
 
 
 # ------------------------------------------------------------------------------------------ images and videos
@@ -111,15 +118,18 @@ def test_image_and_video_readers(tmp_path_factory, name, suffix, cut, junk):
 
     path = tmp_path_factory.mktemp("media") / f"in{suffix}"
     path.write_bytes(SAMPLES[name][:cut] + junk)
+    ends = []
     for read in (read_image, read_video):
         try:
             out = read(path)
         except UserError as e:
             assert path.name in str(e) and "\n" not in str(e), e
+            ends.append(e)
             continue
         frames = out[0] if isinstance(out, tuple) else out
         assert frames.dtype == np.uint8 and frames.shape[-1] == 3 and frames.size > 0
         assert frames.size <= 64 * 64 * 3 * 16  # nothing sized by a header's claim
+    outcome(ends[0] if ends else None, path)
 
 
 # -------------------------------------------------------------------------------------- temporal weight files
@@ -144,5 +154,6 @@ def test_temporal_file_metadata(tmp_path_factory, meta):
         load_temporal(DEFAULT_MODEL / "unet", path)
     except UserError as e:
         assert "t.safetensors" in str(e) and "\n" not in str(e), e
+        outcome(e, path)
         return
     raise AssertionError("a temporal file for another model was accepted")

@@ -302,7 +302,11 @@ def prepare_array_record(source: str | os.PathLike, out: str | os.PathLike, *, n
     else:
         local_out = Path(os.fspath(out)).absolute()
         local_out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{local_out.name}.tmp-", dir=local_out.parent))
+        from vldm_jax.io.video import remove_stale_temporaries
+
+        for kind in ("tmp", "old"):  # what a killed `vldm prepare` left behind (its pid is gone)
+            remove_stale_temporaries(local_out.parent, f".{local_out.name}.{kind}-")
+        staging = Path(tempfile.mkdtemp(prefix=f".{local_out.name}.tmp-{os.getpid()}-", dir=local_out.parent))
     t0 = time.perf_counter()
     skipped: list[dict] = []
     count = 0
