@@ -56,6 +56,10 @@ def test_tiny_suite_json(tmp_path):
         assert TIMING <= r["torch"].keys()
     load = tiny["items"][-1]
     assert TIMING <= load["jax"].keys() and TIMING <= load["jax_converted"].keys() and TIMING <= load["torch"].keys()
+    assert TIMING <= load["numpy_read"].keys() and load["over_numpy_read"] > 0
+    (b, *_) = load["jax"]["breakdown"]
+    assert {"read_s", "build_s", "convert_s", "place_s", "total_s"} <= b.keys() and b["copied_bytes"] > 0
+    assert load["jax_converted"]["breakdown"][0]["aliased_bytes"] > 0
     proof = tiny["scan_proof"]
     for key in ("loop_compile_s", "unet_compile_s", "compile_ratio", "per_step_overhead_fraction",
                 "paired_per_step_overhead_fraction", "torch_paired_per_step_overhead_fraction"):

@@ -135,6 +135,29 @@ def copy_into_place(view: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+TILE_OUT, TILE_IN = 256, 64  # output x input channels per tile: the source tile (256 x 64 x taps floats) fits L2
+
+
+def tiled_layout_copy(a: np.ndarray, dtype) -> np.ndarray:
+    """:func:`rank_layout` of a C-contiguous PyTorch-layout tensor ``a`` ``(O, I, *taps)`` copied tile by tile
+    into an aligned buffer ``(*taps, I, O)``: one numpy copy of a transposed view strides across the whole
+    source for each output row (5-10x slower than memcpy); a tile of 256 x 64 channels keeps its source in cache.
+    """
+    o, i = a.shape[:2]
+    taps = int(np.prod(a.shape[2:], dtype=np.int64))
+    src = a.reshape(o, i, taps)
+    out = aligned_empty((taps, i, o), dtype)
+    for o0 in range(0, o, TILE_OUT):
+        for i0 in range(0, i, TILE_IN):
+            np.copyto(out[:, i0:i0 + TILE_IN, o0:o0 + TILE_OUT],
+                      src[o0:o0 + TILE_OUT, i0:i0 + TILE_IN].transpose(2, 1, 0), casting="unsafe")
+    return out.reshape(rank_layout(a).shape)
+
+
+def _copy_kind() -> str:
+    return os.environ.get("VLDM_LOAD_COPY", "tiled")
+
+
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -158,11 +181,17 @@ class Prefetch:
             if is_aliasable(a, want) and a.ndim <= 1:
                 continue  # already in place: nothing to copy
             guess = rank_layout(a)
-            self.futures[id(a)] = (guess, self.pool.submit(self._copy, guess, want))
+            self.futures[id(a)] = (guess, self.pool.submit(self._copy, a, guess, want))
 
-    def _copy(self, view: np.ndarray, dtype) -> np.ndarray:
+    def _copy(self, a: np.ndarray, guess: np.ndarray, dtype) -> np.ndarray:
         t0 = time.perf_counter()
-        out = copy_into_place(view, dtype)
+        kind = _copy_kind()
+        if guess is a or not a.flags.c_contiguous or kind == "numpy":
+            out = copy_into_place(guess, dtype)
+        elif kind == "pjrt" and a.ndim == 2:
+            out = jax.device_put(guess.astype(dtype, copy=False))  # XLA's own transpose plan, into device memory
+        else:
+            out = tiled_layout_copy(a, dtype)
         if self.timing is not None:
             self.timing.copy_s += time.perf_counter() - t0  # += on a float under the GIL: fine for a report
         return out
@@ -176,7 +205,7 @@ class Prefetch:
             guess, fut = entry
             out = fut.result()
             if out.dtype == dtype and _squeezed(guess) == _squeezed(final):
-                return out.reshape(final.shape), True
+                return (out.reshape(final.shape) if out.shape != final.shape else out), True
             if self.timing is not None:
                 self.timing.recopied += 1
         if is_aliasable(final, dtype):
@@ -210,5 +239,5 @@ def place(arrays: Mapping[tuple, np.ndarray], dtypes: Mapping[tuple, Any], *, so
                 timing.copied_bytes += host.nbytes
             else:
                 timing.aliased_bytes += host.nbytes
-        out[path] = jax.device_put(host)
+        out[path] = host if isinstance(host, jax.Array) else jax.device_put(host)
     return out
