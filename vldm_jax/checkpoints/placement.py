@@ -1,17 +1,18 @@
 """Checkpoint tensors to device arrays in one pass over their bytes, and where a load's time went.
 
 A diffusers tensor is in PyTorch's layout (linear ``(out, in)``, conv ``OIHW``); ours is ``(in, out)`` / ``HWIO``.
-Each tensor is written once, from the memory-mapped file straight into a 64-byte aligned buffer in the target
-layout and dtype (``np.copyto`` of a transposed view: no intermediate copy), and ``jax.device_put`` of that
-buffer aliases it on the CPU backend (no second copy); on an accelerator it is the one host-to-device transfer.
-A tensor already in the target layout, dtype and alignment (our converted format) is not copied at all: the
-device array aliases the private memory map, and pages are read when first touched (a lazy load).
+Each tensor is written once, from the memory-mapped file straight into its device buffer in the target layout:
+``jax.device_put`` of the transposed view (XLA's transpose plan; no intermediate host copy). A dtype change or a
+``VLDM_LOAD_COPY=tiled|numpy`` choice copies into a 64-byte aligned host buffer instead, which ``device_put``
+aliases on the CPU backend. A tensor already in the target layout, dtype and alignment (our converted format) is
+not copied at all: the device array aliases the private memory map, and pages are read when first touched (a
+lazy load).
 
-The copies run in worker threads (numpy releases the GIL) and start before the model's abstract state is
-built, so building the module (Python, ~0.5-2 s for an SD U-Net) overlaps reading 3 GiB. They start from
-the layout the tensor's rank implies (2-D transposed, 4-D/5-D to channels-last); when the key map then wants
-another one for a tensor (an embedding table, a 1x1 conv kept 4-D...), that tensor is copied again from the
-map, so a guess can cost time but never a wrong weight.
+The copies run in worker threads and start before the model's abstract state is built, so building the module
+(Python, 1.5-5 s for an SD U-Net on a loaded 2-core machine) overlaps the copies. They start from the layout the
+tensor's rank implies (2-D transposed, 4-D/5-D to channels-last); when the key map then wants another one for a
+tensor (an embedding table...), that tensor is copied again from the map, so a guess can cost time but never a
+wrong weight.
 
 ``VLDM_LOAD_TIMING=1`` (or INFO logging for ``vldm_jax.checkpoints``) prints each load's breakdown;
 :func:`last_load_timing` returns the last one as a dict.
@@ -155,7 +156,10 @@ def tiled_layout_copy(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def _copy_kind() -> str:
-    return os.environ.get("VLDM_LOAD_COPY", "tiled")
+    # Measured on the SD 1.5 U-Net (docs/benchmarks.md): XLA's transpose plan (device_put of the transposed view,
+    # written straight into the device buffer) beat numpy's copies, tiled or not, by 1.5-2x on this CPU.
+    # VLDM_LOAD_COPY=tiled|numpy|pjrt selects the others (pjrt: device_put for 2-D, tiled numpy for convs).
+    return os.environ.get("VLDM_LOAD_COPY", "pjrt_all")
 
 
 def _workers() -> int:
@@ -188,8 +192,8 @@ class Prefetch:
         kind = _copy_kind()
         if guess is a or not a.flags.c_contiguous or kind == "numpy":
             out = copy_into_place(guess, dtype)
-        elif kind == "pjrt" and a.ndim == 2:
-            out = jax.device_put(guess.astype(dtype, copy=False))  # XLA's own transpose plan, into device memory
+        elif (kind == "pjrt_all" or (kind == "pjrt" and a.ndim == 2)) and a.dtype == dtype:
+            out = jax.device_put(guess)  # XLA's own transpose plan, straight into device memory
         else:
             out = tiled_layout_copy(a, dtype)
         if self.timing is not None:
