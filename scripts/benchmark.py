@@ -4,6 +4,9 @@
     python scripts/benchmark.py --size medium --reps 7 --out medium.json
     python scripts/benchmark.py --size full               # SD 1.5 / SVD sizes: for accelerators (GBs of weights)
     vldm benchmark --size tiny --reps 1                   # the same through the CLI
+    vldm benchmark --size medium --baseline old.json      # per-row ratio against a previous run, regressions flagged
+    vldm benchmark --results new.json --baseline old.json # compare two runs without running anything
+    vldm benchmark --only loading --load-folder PATH      # also time loading any diffusers U-Net folder (SD 1.5...)
 
 Every model is built in diffusers/transformers with random weights, written with ``save_pretrained`` to a
 temporary folder and loaded through ``vldm_jax.load_model``, so both sides run the very same weights. Nothing
@@ -30,6 +33,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# This script belongs to its source tree: import that tree's vldm_jax, not another installed copy.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from vldm_jax import cli_benchmark  # noqa: E402  (progress bar, --baseline comparison)
 
 # OpenMP's default spin-waiting makes eager PyTorch with all cores up to 100x slower whenever another process
 # shares the CPU (seen here: 5 s instead of 20 ms for a tiny U-Net at load 7 on 2 cores); passive waiting costs
@@ -521,8 +531,33 @@ def bench_clip(cfg, folder, reps, peak, rng):
     return _pair("CLIP text encode", jrec, trec, f"B={b} seq={seq} d={cfg['clip']['hidden_size']}")
 
 
+def _timed_loads(fn, reps):
+    """time_calls of ``fn`` (a load) plus the loader's breakdown of each timed run."""
+    from vldm_jax.checkpoints.placement import last_load_timing
+
+    breakdowns = []
+
+    def run():
+        fn()
+        breakdowns.append(last_load_timing())
+
+    rec = {**time_calls(run, reps), **rss()}
+    rec["breakdown"] = breakdowns[1:]  # the warm-up's is dropped
+    return rec
+
+
+def _read_reference(folder, reps):
+    """``safetensors.numpy.load_file`` of the folder's weights: reading the file into host memory, the floor a
+    load that must copy (the layout differs) is judged against."""
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    return {**time_calls(lambda: [load_file(f) for f in files], reps), **rss()}
+
+
 def bench_loading(folder, model, reps):
-    """diffusers folder -> NNX (key map + transposes) vs our converted folder; torch's from_pretrained alongside."""
+    """diffusers folder -> NNX (key map + transposes) vs our converted folder; torch's from_pretrained alongside,
+    and reading the file into memory with ``safetensors.numpy`` as the floor."""
     import diffusers
     import jax
     from flax import nnx
@@ -537,15 +572,79 @@ def bench_loading(folder, model, reps):
     def load(path):
         return lambda: jax.block_until_ready(nnx.state(vldm_jax.load_model(path)))
 
-    from_diffusers = {**time_calls(load(folder), reps), **rss()}
-    from_converted = {**time_calls(load(converted), reps), **rss()}
+    from_diffusers = _timed_loads(load(folder), reps)
+    from_converted = _timed_loads(load(converted), reps)
+    numpy_read = _read_reference(folder, reps)
     torch_load = {**time_calls(lambda: diffusers.UNetSpatioTemporalConditionModel.from_pretrained(folder), reps),
                   **rss()}
     size = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
     return {"name": "load video U-Net", "shapes": f"{size / 2**20:.1f} MiB safetensors",
-            "jax": from_diffusers, "jax_converted": from_converted, "torch": torch_load,
+            "jax": from_diffusers, "jax_converted": from_converted, "torch": torch_load, "numpy_read": numpy_read,
             "speedup_vs_torch": torch_load["median_s"] / from_diffusers["median_s"],
-            "converted_speedup_vs_torch": torch_load["median_s"] / from_converted["median_s"]}
+            "converted_speedup_vs_torch": torch_load["median_s"] / from_converted["median_s"],
+            "over_numpy_read": from_diffusers["median_s"] / numpy_read["median_s"]}
+
+
+def bench_load_folder(folder, reps):
+    """Loading a diffusers component folder given by the user (``--load-folder``, e.g. the real-size SD 1.5
+    U-Net): ours vs reading its file into memory (``safetensors.numpy.load_file``) vs diffusers'
+    ``from_pretrained``, interleaved run by run so that a shared machine's load drift hits all three alike;
+    the page cache is warmed first. diffusers memory-maps lazily: its time excludes reading the weights,
+    so ``touch`` adds the time of summing every parameter once (what its first forward pays)."""
+    import diffusers
+    import jax
+    import torch
+    from flax import nnx
+
+    import vldm_jax
+    from vldm_jax.checkpoints.load import read_config_file
+    from vldm_jax.checkpoints.placement import last_load_timing
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        from vldm_jax.errors import UserError
+
+        raise UserError(f"--load-folder {folder}: no config.json (not a diffusers component folder)")
+    cls = getattr(diffusers, read_config_file(folder / "config.json").get("_class_name", ""), None)
+    if cls is None:
+        from vldm_jax.errors import UserError
+
+        raise UserError(f"--load-folder {folder}: not a diffusers model class")
+    files = sorted(folder.glob("*.safetensors"))
+    from safetensors.numpy import load_file
+
+    def numpy_read():
+        return [load_file(f) for f in files]
+
+    def ours():
+        jax.block_until_ready(nnx.state(vldm_jax.load_model(folder)))
+
+    def theirs():
+        return cls.from_pretrained(folder)
+
+    numpy_read()  # page cache warm
+    runs = {"numpy_read": [], "jax": [], "torch": [], "torch_touch": []}
+    breakdowns = []
+    for _ in range(reps):
+        for key, fn in (("numpy_read", numpy_read), ("jax", ours), ("torch", theirs)):
+            t0 = time.perf_counter()
+            out = fn()
+            runs[key].append(time.perf_counter() - t0)
+            if key == "jax":
+                breakdowns.append(last_load_timing())
+            if key == "torch":
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    sum(float(p.sum()) for p in out.parameters())
+                runs["torch_touch"].append(time.perf_counter() - t0)
+            del out
+    rec = {k: {**stats(v)} for k, v in runs.items()}
+    rec["jax"]["breakdown"] = breakdowns
+    size = sum(f.stat().st_size for f in files)
+    return {"name": f"load {cls.__name__} folder", "shapes": f"{size / 2**20:.1f} MiB safetensors",
+            "folder": str(folder), "jax": rec["jax"], "torch": rec["torch"], "torch_touch": rec["torch_touch"],
+            "numpy_read": rec["numpy_read"], "speedup_vs_torch": rec["torch"]["median_s"] / rec["jax"]["median_s"],
+            "over_numpy_read": rec["jax"]["median_s"] / rec["numpy_read"]["median_s"], **rss()}
 
 
 # ----------------------------------------------------------------------------- running and reporting
@@ -572,6 +671,14 @@ def machine_info() -> dict:
             "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
                          "torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__}}
+
+
+def planned_steps(sizes, only: set[str], load_folder=None) -> int:
+    """How many ``log`` calls :func:`run_size` makes for these sizes and items (the progress bar's length)."""
+    groups = [{"video_unet", "loading", "train_step"}, {"train_step"}, {"image_unet", "sampling_loop"},
+              {"vae_decode", "vae_decode_chunked"}, {"clip_text"}, {"loading"}]
+    per_size = sum(bool(only & g) for g in groups)
+    return 1 + len(sizes) * per_size + (1 if load_folder and "loading" in only else 0)
 
 
 def run_size(size: str, reps: int, only: set[str], peak: float, log) -> dict:
@@ -611,6 +718,17 @@ def _ms(rec, key="median_s"):
     return f"{1e3 * rec[key]:.1f}" if rec and key in rec else "-"
 
 
+def format_breakdown(breakdowns: list[dict]) -> str:
+    """Median seconds per phase of the loader's breakdowns (checkpoints/placement.py)."""
+    keys = [k for k in ("read_s", "build_s", "convert_s", "place_s", "merge_s", "copy_threads_s")
+            if any(k in b for b in breakdowns)]
+    med = {k: float(np.median([b.get(k, 0.0) for b in breakdowns])) for k in keys}
+    b = breakdowns[-1]
+    return (", ".join(f"{k[:-2].replace('_threads', ' (threads)')} {1e3 * v:.0f} ms" for k, v in med.items())
+            + f"; {b.get('copied_bytes', 0) / 2**20:.0f} MiB copied, {b.get('aliased_bytes', 0) / 2**20:.0f} MiB "
+              "aliased")
+
+
 def format_table(results: dict) -> str:
     mm = results["matmul_peak"]
     lines = [f"matmul peak (2048^2 f32, XLA): best {mm['best_gflops_per_s']:.1f} GFLOP/s (the % peak reference), "
@@ -627,6 +745,8 @@ def format_table(results: dict) -> str:
             ours = spread(j)
             if "jax_converted" in r:
                 ours += f"; converted {spread(r['jax_converted'])}"
+            if "numpy_read" in r:
+                ours += f"; numpy read {spread(r['numpy_read'])}"
             mem = j.get("memory") or {}
             compile_s = f"{j['compile_s']:.1f}" if "compile_s" in j else "-"
             rate = f"{j['gflops_per_s']:.1f}" if "gflops_per_s" in j else "-"
@@ -634,6 +754,18 @@ def format_table(results: dict) -> str:
             lines.append(f"| {size} | {r['name']} | {r['shapes']} | {ours} | {spread(t)} | "
                          f"{r.get('speedup_vs_torch', float('nan')):.2f}x | {compile_s} | {rate} | {pct(j)} | {pct(t)} "
                          f"| {xla_mib} |")
+    for size, res in results["sizes"].items():
+        for r in res["items"]:
+            for side, label in (("jax", "diffusers folder"), ("jax_converted", "converted folder")):
+                if r.get(side, {}).get("breakdown"):
+                    lines.append(f"\n[{size}] {r['name']}, {label}: {format_breakdown(r[side]['breakdown'])}")
+    lf = results.get("load_folder")
+    if lf:
+        lines.append(
+            f"\n{lf['name']} ({lf['shapes']}, {lf['folder']}): ours {_ms(lf['jax'])} ms, read into memory "
+            f"(safetensors.numpy) {_ms(lf['numpy_read'])} ms = {lf['over_numpy_read']:.2f}x the read; diffusers "
+            f"from_pretrained {_ms(lf['torch'])} ms (lazy, + {_ms(lf['torch_touch'])} ms to touch every weight); "
+            f"{format_breakdown(lf['jax']['breakdown'])}")
     for size, res in results["sizes"].items():
         p = res.get("scan_proof")
         if p:
@@ -648,11 +780,15 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(sizes=("tiny", "medium"), reps: int = 5, out: str | None = "results.json", only=None, log=None) -> dict:
+def run(sizes=("tiny", "medium"), reps: int = 5, out: str | None = "results.json", only=None, log=None,
+        load_folder=None, progress: bool = True) -> dict:
     import torch
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     only = set(only or ITEMS)
+    bar = None
+    if log is None:
+        bar = cli_benchmark.Progress(planned_steps(sizes, only, load_folder), enabled=progress)
+        log = bar.step
     unknown = only - set(ITEMS)
     if unknown:
         from vldm_jax.errors import UserError
@@ -670,6 +806,11 @@ def run(sizes=("tiny", "medium"), reps: int = 5, out: str | None = "results.json
         t0 = time.perf_counter()
         results["sizes"][size] = run_size(size, reps, only, peak, log)
         results["sizes"][size]["wall_s"] = time.perf_counter() - t0
+    if load_folder and "loading" in only:
+        log(f"loading {load_folder}")
+        results["load_folder"] = bench_load_folder(load_folder, max(1, min(reps, 3)))
+    if bar is not None:
+        bar.close()
     results["load_average_after"] = load_average()
     results["peak_rss_mib"] = rss().get("peak_rss_mib")
     if out:
@@ -684,14 +825,51 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (loops: at most 3)")
     p.add_argument("--only", nargs="+", choices=ITEMS, default=None, help="run only these items")
     p.add_argument("--out", default="results.json", help="JSON file to write")
+    p.add_argument("--baseline", metavar="OLD_JSON", default=None,
+                   help="a previous run's JSON: print each row's time now / then and flag regressions")
+    p.add_argument("--threshold", type=float, default=cli_benchmark.DEFAULT_THRESHOLD,
+                   help="a row more than this fraction slower than the baseline is a regression (default 0.10)")
+    p.add_argument("--fail-on-regression", action="store_true", help="exit with status 1 when a row regressed")
+    p.add_argument("--results", metavar="JSON", default=None,
+                   help="run nothing: print the table of this results JSON (with --baseline: compare the two)")
+    p.add_argument("--load-folder", metavar="PATH", default=None,
+                   help="with the loading item: also time loading this diffusers component folder (e.g. the "
+                        "real-size SD 1.5 U-Net) against safetensors.numpy.load_file and diffusers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    results = run(args.size, args.reps, args.out, args.only)
-    print(format_table(results))
-    return 0
+    from vldm_jax.errors import UserError
+
+    try:
+        args = build_parser(prog).parse_args(argv)
+        if not args.threshold >= 0:
+            raise UserError(f"--threshold must be at least 0 (got {args.threshold})")
+        if args.reps < 1:
+            raise UserError(f"--reps must be at least 1 (got {args.reps})")
+        # Checked before anything runs: a bad baseline must not cost a whole benchmark run.
+        baseline = cli_benchmark.read_results(args.baseline) if args.baseline else None
+        if args.results:
+            results = cli_benchmark.read_results(args.results, what="results")
+        else:
+            results = run(args.size, args.reps, args.out, args.only, load_folder=args.load_folder,
+                          progress=not args.no_progress)
+            print(format_table(results))
+    except UserError as e:  # one line, exit 2, as every vldm command (also when run as a script)
+        print(f"{prog or 'benchmark'}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.results:
+        try:
+            print(format_table(results))
+        except (KeyError, TypeError, ValueError):  # an older or partial file: the comparison still stands
+            print(f"(no table: {args.results} lacks fields this version prints)")
+    if baseline is None:
+        return 0
+    entries = cli_benchmark.compare(results, baseline, args.threshold)
+    print()
+    print(cli_benchmark.format_comparison(entries, args.threshold, args.baseline))
+    return 1 if args.fail_on_regression and any(e["regression"] for e in entries) else 0
 
 
 if __name__ == "__main__":

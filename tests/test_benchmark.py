@@ -56,6 +56,10 @@ def test_tiny_suite_json(tmp_path):
         assert TIMING <= r["torch"].keys()
     load = tiny["items"][-1]
     assert TIMING <= load["jax"].keys() and TIMING <= load["jax_converted"].keys() and TIMING <= load["torch"].keys()
+    assert TIMING <= load["numpy_read"].keys() and load["over_numpy_read"] > 0
+    (b, *_) = load["jax"]["breakdown"]
+    assert {"read_s", "build_s", "convert_s", "place_s", "total_s"} <= b.keys() and b["copied_bytes"] > 0
+    assert load["jax_converted"]["breakdown"][0]["aliased_bytes"] > 0
     proof = tiny["scan_proof"]
     for key in ("loop_compile_s", "unet_compile_s", "compile_ratio", "per_step_overhead_fraction",
                 "paired_per_step_overhead_fraction", "torch_paired_per_step_overhead_fraction"):
@@ -72,3 +76,63 @@ def test_train_step_item(tmp_path):
     side = item["jax"]
     assert TIMING <= side.keys() and side["compile_s"] > 0 and side["xla_flops"] > 0
     assert side["memory"]["temp_bytes"] > 0
+
+
+def _bench_main():
+    import runpy
+
+    return runpy.run_path(str(ROOT / "scripts" / "benchmark.py"), run_name="bench_test")["main"]
+
+
+def _results(times):
+    return {"sizes": {"tiny": {"items": [
+        {"name": n, "jax": {"median_s": t}, "torch": {"median_s": 1.0}, "speedup_vs_torch": 1.0 / t}
+        for n, t in times.items()]}}}
+
+
+def test_baseline_comparison(tmp_path, capsys):
+    main = _bench_main()
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_results({"a": 1.0, "b": 1.0, "gone": 1.0})))
+    new.write_text(json.dumps(_results({"a": 1.05, "b": 1.5, "new": 1.0})))
+    assert main(["--results", str(new), "--baseline", str(old), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| tiny | ")
+            and line.count("|") == 8}
+    assert set(rows) == {"a", "b"}  # only rows present in both runs
+    assert "| 1.05 |" in rows["a"] and "REGRESSION" not in rows["a"]
+    assert "| 1.50 |" in rows["b"] and "REGRESSION" in rows["b"] and "1.00x -> 0.67x" in rows["b"]
+    assert "1 regression of 2 rows" in out
+    assert main(["--results", str(new), "--baseline", str(old), "--fail-on-regression"]) == 1
+    assert main(["--results", str(new), "--baseline", str(old), "--threshold", "0.6", "--fail-on-regression"]) == 0
+
+
+def test_bad_baseline_is_one_line_exit_2(tmp_path, capsys):
+    from vldm_jax.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"items": []}))
+    for path, msg in ((tmp_path / "missing.json", "not found"), (bad, "not valid JSON"),
+                      (foreign, "not a benchmark results file")):
+        assert main(["benchmark", "--baseline", str(path), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("vldm benchmark: error:") and msg in err, err
+
+
+def test_progress_bar():
+    import io
+
+    from vldm_jax.cli_benchmark import Progress
+
+    stream = io.StringIO()
+    bar = Progress(2, stream=stream, width=4)
+    bar.step("first")
+    bar.step("second")
+    bar.step("an unplanned third")  # grows instead of overflowing
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[....] 0/2 ") and lines[0].endswith("first")
+    assert lines[1].startswith("[##..] 1/2 ") and lines[2].startswith("[###.] 2/3 ")
+    assert lines[-1].startswith("[####] 3/3 ") and lines[-1].endswith("done")

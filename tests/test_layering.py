@@ -18,7 +18,7 @@ LAYERS = {
     "diffusion": 2, "checkpoints": 2, "data": 2,
     "pipelines": 3, "eval": 3,
     "train": 4,
-    "cli": 5, "cli_eval": 5, "": 5,  # "": the package's __init__ (the public surface)
+    "cli": 5, "cli_eval": 5, "cli_benchmark": 5, "": 5,  # "": the package's __init__ (the public surface)
 }
 
 

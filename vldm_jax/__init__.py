@@ -1,6 +1,6 @@
 """vldm_jax: Video LDM ("Align your Latents") in JAX / Flax NNX.
 
-The public surface: :func:`load_model`, the pipelines (:class:`TextToVideoPipeline`, the Video LDM cascade, first)
+The public surface: :func:`load_model`, :func:`jitted` (a loaded module's fast call), the pipelines (:class:`TextToVideoPipeline`, the Video LDM cascade, first)
 and the errors. Heavy submodules are imported on first use so that ``import vldm_jax`` stays cheap.
 """
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "vldm_jax.checkpoints.load",
+    "jitted": "vldm_jax.models.jitted",
     "TextToVideoPipeline": "vldm_jax.pipelines.text_to_video",
     "TextToImagePipeline": "vldm_jax.pipelines.text_to_image",
     "ImageToVideoPipeline": "vldm_jax.pipelines.image_to_video",

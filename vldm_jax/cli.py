@@ -218,12 +218,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_prepare_parser(sub)
 
-    p = sub.add_parser("benchmark", help="time vldm_jax against diffusers/PyTorch on the same weights (scripts/benchmark.py)")
-    p.add_argument("--size", nargs="+", choices=("tiny", "medium", "full"), default=["tiny", "medium"],
-                   help="model sizes (full = SD 1.5 / SVD, meant for accelerators)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up")
-    p.add_argument("--only", nargs="+", default=None, metavar="ITEM", help="run only these items (see the script)")
-    p.add_argument("--out", default="results.json", help="JSON file to write")
+    from vldm_jax import cli_benchmark  # vldm benchmark: its arguments are scripts/benchmark.py's
+
+    cli_benchmark.add_parser(sub)
 
     from vldm_jax import cli_eval  # vldm eval fvd|fid|clipsim, vldm sample
 
@@ -232,20 +229,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_benchmark(args) -> int:
-    import runpy
-    from pathlib import Path
+    from vldm_jax import cli_benchmark
 
-    from vldm_jax.errors import UserError
-
-    # The suite lives in the source tree's scripts/ (it needs torch and diffusers, which the package does not).
-    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-    if not script.exists():
-        raise UserError(f"{script} not found: `vldm benchmark` runs from a source checkout (pip install -e .)")
-    bench = runpy.run_path(str(script), run_name="vldm_benchmark")
-    argv = ["--size", *args.size, "--reps", str(args.reps), "--out", args.out]
-    if args.only:
-        argv += ["--only", *args.only]
-    return bench["main"](argv, prog="vldm benchmark")
+    return cli_benchmark.run(args)
 
 
 def _cmd_txt2img(args) -> int:
@@ -692,7 +678,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from vldm_jax.errors import UserError
 
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    # `vldm benchmark` hands every argument after it to scripts/benchmark.py's own parser.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "benchmark":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.attention:
         from vldm_jax.nn.attention import set_attention_implementation
 

@@ -9,14 +9,15 @@ Our modules mirror the reference module names (``down_blocks[0].resnets[1].conv1
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vldm_jax.checkpoints.placement import LoadTiming, Prefetch, place
 from vldm_jax.errors import CheckpointError
 
 RenameTable = Sequence[tuple[str, str | None]]
@@ -77,10 +78,13 @@ def convert_state_dict(
     *,
     rename: RenameTable = (),
     name: str = "model",
+    sources: dict[tuple, np.ndarray] | None = None,
 ) -> dict[tuple, np.ndarray]:
     """Maps torch keys to NNX paths of ``abstract_state`` and transposes arrays. Validates everything.
 
-    Returns a dict from NNX path to numpy array (target dtype is applied by :func:`build_module`).
+    Returns a dict from NNX path to numpy array, a transposed view where the layout differs (no copy; the
+    target dtype and the copy into place are :func:`build_module`'s). ``sources``, when given, receives
+    path -> the state-dict array each came from.
     """
     targets = {tuple(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract_state)}
     out: dict[tuple, np.ndarray] = {}
@@ -105,6 +109,8 @@ def convert_state_dict(
         if target in out:
             raise CheckpointError(f"{name}: two checkpoint keys map to {_fmt([target])} (second: {key})")
         out[target] = arr
+        if sources is not None:
+            sources[target] = array
     missing = [p for p in targets if p not in out]
     problems = []
     if missing:
@@ -146,27 +152,43 @@ def build_module(
     rename: RenameTable = (),
     name: str = "model",
     dtype=None,
+    timing: LoadTiming | None = None,
 ) -> nnx.Module:
     """Builds ``factory(rngs)`` without running its random initialiser and fills in the weights.
 
-    ``dtype``: parameter dtype (default: the dtype the factory declares, normally float32).
+    ``dtype``: parameter dtype (default: the dtype the factory declares, normally float32). The tensors are
+    copied into their target layout in worker threads while the module's abstract state is built
+    (:class:`~vldm_jax.checkpoints.placement.Prefetch`); ``timing`` collects where the time went.
     """
-    graphdef, abstract_state = abstract_module(factory)
-    arrays = convert_state_dict(state_dict, abstract_state, rename=rename, name=name)
-    return merge_arrays(graphdef, abstract_state, arrays, dtype=dtype)
+    timing = timing or LoadTiming(name)
+    prefetch = Prefetch(state_dict, dtype, timing)
+    try:
+        with timing.phase("build"):
+            graphdef, abstract_state = abstract_module(factory)
+        sources: dict[tuple, np.ndarray] = {}
+        with timing.phase("convert"):
+            arrays = convert_state_dict(state_dict, abstract_state, rename=rename, name=name, sources=sources)
+        module = merge_arrays(graphdef, abstract_state, arrays, dtype=dtype, sources=sources, prefetch=prefetch,
+                              timing=timing)
+    finally:
+        prefetch.close()
+    timing.finish()
+    return module
 
 
-def merge_arrays(graphdef, abstract_state: nnx.State, arrays: Mapping[tuple, np.ndarray], dtype=None) -> nnx.Module:
-    """Fills ``abstract_state`` with ``arrays`` (NNX path -> array) and merges. Arrays already in the target
-    dtype go through ``jax.device_put``, which on CPU aliases 64-byte aligned host memory without a copy."""
-    flat = []
-    for path, var in nnx.to_flat_state(abstract_state):
-        path = tuple(path)
-        target_dtype = np.dtype(dtype or var.get_value().dtype)
-        a = arrays[path]
-        a = jax.device_put(a) if a.dtype == target_dtype else jnp.asarray(a, dtype=target_dtype)
-        flat.append((path, var.replace(a)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+def merge_arrays(graphdef, abstract_state: nnx.State, arrays: Mapping[tuple, np.ndarray], dtype=None, *,
+                 sources: Mapping[tuple, np.ndarray] | None = None, prefetch: Prefetch | None = None,
+                 timing: LoadTiming | None = None) -> nnx.Module:
+    """Fills ``abstract_state`` with ``arrays`` (NNX path -> host array or view) and merges. Each array is
+    written once into an aligned buffer of the target layout and dtype (or used as is when it already is
+    one), which ``jax.device_put`` aliases on CPU without a copy."""
+    flat = list(nnx.to_flat_state(abstract_state))
+    dtypes = {tuple(p): np.dtype(dtype or v.get_value().dtype) for p, v in flat}
+    with (timing.phase("place") if timing is not None else contextlib.nullcontext()):
+        placed = place({tuple(p): arrays[tuple(p)] for p, _ in flat}, dtypes, sources=sources, prefetch=prefetch,
+                       timing=timing)
+    with (timing.phase("merge") if timing is not None else contextlib.nullcontext()):
+        return nnx.merge(graphdef, nnx.from_flat_state([(tuple(p), v.replace(placed[tuple(p)])) for p, v in flat]))
 
 
 # transformers CLIPTextModel / CLIPTextModelWithProjection. Hub checkpoints (SD text encoders) keep the

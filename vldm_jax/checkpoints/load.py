@@ -1,7 +1,8 @@
 """``load_model``: a diffusers/transformers component folder, a weights file or a hub id -> NNX module.
 
 Dispatch is on ``_class_name`` (diffusers) or ``architectures[0]`` (transformers) of ``config.json``.
-Weights are read zero-copy from safetensors (memory-mapped); pickle files are refused unless the
+Weights are read zero-copy from safetensors (memory-mapped) and written once into their place in the target
+layout (checkpoints/placement.py; ``VLDM_LOAD_TIMING=1`` prints where the time went); pickle files are refused unless the
 caller passes ``allow_pickle=True`` and are then read with ``torch.load(weights_only=True)``.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from vldm_jax.checkpoints.families import config_errors_name, family_of
+from vldm_jax.checkpoints.placement import LoadTiming
 from vldm_jax.checkpoints.safetensors_io import read_safetensors
 from vldm_jax.errors import CheckpointError
 from vldm_jax.models.config import config_from_dict, read_config_file
@@ -129,7 +131,8 @@ def class_name_of(config: Mapping[str, Any]) -> str | None:
 
 
 def build_from_state_dict(class_name: str, config: Mapping[str, Any] | Any, state_dict: Mapping[str, np.ndarray],
-                          *, dtype=jnp.float32, param_dtype=None, name: str | None = None, rename=None) -> nnx.Module:
+                          *, dtype=jnp.float32, param_dtype=None, name: str | None = None, rename=None,
+                          timing=None) -> nnx.Module:
     """Builds ``class_name`` with ``config`` (dict or config dataclass) and fills it from a torch state dict."""
     from vldm_jax.checkpoints import convert
 
@@ -143,7 +146,7 @@ def build_from_state_dict(class_name: str, config: Mapping[str, Any] | Any, stat
         config = config_from_dict(config_cls, dict(config))
     table = getattr(convert, fam.rename) if rename is None else rename
     return convert.build_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype), state_dict,
-                                rename=table, name=name or class_name, dtype=param_dtype)
+                                rename=table, name=name or class_name, dtype=param_dtype, timing=timing)
 
 
 def load_model(path: str | os.PathLike, *, subfolder: str | None = None, allow_pickle: bool = False,
@@ -151,6 +154,9 @@ def load_model(path: str | os.PathLike, *, subfolder: str | None = None, allow_p
     """Loads one component: a diffusers/transformers folder (``config.json`` + weights), our own
     converted folder (``vldm_config.json``), or a hub id. Returns the NNX module with its weights;
     the config dataclass is ``module.config``.
+
+    Calling the module directly runs it eagerly, op by op (a U-Net about 2x slower than under ``jax.jit``);
+    ``vldm_jax.jitted(module)`` (or ``method="decode"``...) gives the same outputs compiled once per shape.
     """
     folder = resolve_path(path, subfolder=subfolder)
     if folder.is_file():
@@ -165,6 +171,9 @@ def load_model(path: str | os.PathLike, *, subfolder: str | None = None, allow_p
     config = read_config_file(config_path)
     cls = class_name_of(config)
     family_of(cls, config_path)
-    state_dict = find_folder_weights(folder, allow_pickle=allow_pickle, variant=variant)
+    timing = LoadTiming(str(folder))
+    with timing.phase("read"):
+        state_dict = find_folder_weights(folder, allow_pickle=allow_pickle, variant=variant)
     with config_errors_name(config_path, cls):
-        return build_from_state_dict(cls, config, state_dict, dtype=dtype, param_dtype=param_dtype, name=str(folder))
+        return build_from_state_dict(cls, config, state_dict, dtype=dtype, param_dtype=param_dtype, name=str(folder),
+                                     timing=timing)

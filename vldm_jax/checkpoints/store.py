@@ -2,7 +2,7 @@
 holding the NNX state under its own paths, already in NNX layout and 64-byte aligned.
 
 Loading it skips key mapping and transposes, and on CPU the arrays alias the memory-mapped file
-without a copy: that is what makes ``vldm convert`` worth running once (an orbax checkpoint of the
+without a copy (a lazy load: pages are read when first used): that is what makes ``vldm convert`` worth running once (an orbax checkpoint of the
 same weights restored no faster than converting the diffusers file again, see docs/checkpoints.md;
 orbax stays the format of training checkpoints, which need sharded, async, multi-host saves).
 Every write goes to a temporary sibling folder that is renamed into place at the end, so a killed
@@ -25,6 +25,7 @@ from flax import nnx
 
 from vldm_jax.checkpoints.convert import abstract_module, merge_arrays
 from vldm_jax.checkpoints.families import FAMILIES, config_errors_name, family_of
+from vldm_jax.checkpoints.placement import LoadTiming
 from vldm_jax.checkpoints.safetensors_io import read_safetensors, write_safetensors
 from vldm_jax.errors import CheckpointError, ConfigError, UserError
 from vldm_jax.io.files import replace_folder
@@ -83,6 +84,7 @@ def save_module(module: nnx.Module, folder: str | os.PathLike) -> None:
 def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
     """Loads a folder written by :func:`save_module`."""
     folder = Path(folder)
+    timing = LoadTiming(str(folder))
     meta = read_config_file(folder / "vldm_config.json")
     if meta.get("format") != "vldm_jax" or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder}: unknown vldm_jax format {meta.get('format')} v{meta.get('version')}")
@@ -93,8 +95,10 @@ def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Modul
             raise ConfigError("'config' is not a JSON object")
         config = config_from_dict(getattr(mod, fam.config_cls), meta["config"])
         model_cls = getattr(mod, fam.model_cls)
-        graphdef, abstract_state = abstract_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype))
-    stored = read_safetensors(folder / "params.safetensors")
+        with timing.phase("build"):
+            graphdef, abstract_state = abstract_module(lambda rngs: model_cls(config, rngs=rngs, dtype=dtype))
+    with timing.phase("read"):
+        stored = read_safetensors(folder / "params.safetensors")
     arrays, problems = {}, []
     for path, var in nnx.to_flat_state(abstract_state):
         key = ".".join(map(str, path))
@@ -107,4 +111,6 @@ def load_converted(folder: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Modul
     problems += [f"unexpected {k}" for k in stored]
     if problems:
         raise CheckpointError(f"{folder}: weights do not fit the model: {', '.join(problems[:6])}")
-    return merge_arrays(graphdef, abstract_state, arrays)
+    module = merge_arrays(graphdef, abstract_state, arrays, timing=timing)
+    timing.finish()
+    return module
