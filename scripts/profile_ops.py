@@ -29,7 +29,17 @@ import numpy as np  # noqa: E402
 import benchmark as bm  # noqa: E402
 
 
-def jax_profile(fn, calls: int = 3, top: int = 25):
+def op_kinds(hlo_text: str) -> dict:
+    """Instruction name -> the JAX primitive it came from (XLA's ``op_name`` metadata, last path element)."""
+    import re
+
+    kinds = {}
+    for m in re.finditer(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"", hlo_text):
+        kinds[m.group(1)] = m.group(2).split("/")[-1]
+    return kinds
+
+
+def jax_profile(fn, calls: int = 3, top: int = 25, hlo_text: str | None = None):
     import jax
 
     fn()
@@ -54,7 +64,12 @@ def jax_profile(fn, calls: int = 3, top: int = 25):
     for name, ms in per.items():
         base = name.split(".")[0].rstrip("0123456789_")
         cats[base] += ms
-    return per.most_common(top), cats.most_common(15), per_thread
+    if hlo_text:  # by the primitive each op computes (a YNNPACK fusion may be a convolution or a dot)
+        kinds = op_kinds(hlo_text)
+        cats = collections.Counter()
+        for name, ms in per.items():
+            cats[kinds.get(name, name.split(".")[0])] += ms
+    return per.most_common(top), cats.most_common(20), per_thread
 
 
 def torch_profile(fn, top: int = 25):
@@ -113,8 +128,9 @@ def main():
                 theirs = lambda: ref(tx, torch.tensor(500.0), tctx, tids).sample
             else:
                 step, trainable, opt_state, frozen = bm.temporal_train_step(model)
-                target = bm._randn(rng, x.shape)
+                target = bm._randn(rng, x.shape[:-1] + (ref.config.out_channels,))
                 compiled = jax.jit(step).lower(trainable, opt_state, frozen, x, ctx, ids, target).compile()
+                globals()["_COMPILED"] = compiled
                 ours = lambda: jax.block_until_ready(compiled(trainable, opt_state, frozen, x, ctx, ids, target))
                 from vldm_jax.models.roles import is_temporal_path
 
@@ -140,11 +156,12 @@ def main():
             t_theirs = (time.perf_counter() - t0) / 3
         print(f"{a.item} {a.config}: ours {1e3 * t_ours:.1f} ms, diffusers {1e3 * t_theirs:.1f} ms, "
               f"ratio {t_theirs / t_ours:.2f}x")
-        ops, cats, threads = jax_profile(ours, top=a.top)
+        compiled = getattr(ours, "compiled", None) or globals().get("_COMPILED")
+        ops, cats, threads = jax_profile(ours, top=a.top, hlo_text=compiled.as_text() if compiled else None)
         print("\nours, per op (ms per call):")
         for n, ms in ops:
             print(f"  {ms:8.1f}  {n}")
-        print("ours, per kind:")
+        print("ours, per primitive:")
         for n, ms in cats:
             print(f"  {ms:8.1f}  {n}")
         print("ours, busy per thread:", {k: round(v, 1) for k, v in threads.items()})
