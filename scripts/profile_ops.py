@@ -24,9 +24,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import benchmark as bm  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def op_kinds(hlo_text: str) -> dict:
