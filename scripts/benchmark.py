@@ -105,7 +105,7 @@ def _variant(base: str, **changes) -> dict:
 # Configurations the medium size does not use (issue 21): a lead must not belong to one shape. "h32f16": the
 # medium widths with 32-wide heads everywhere (video and image U-Net, CLIP) and 16 frames (U-Net and decoder);
 # "w1.5": channel widths 1.5x the medium's (96-384, the 137 M video U-Net of the issue, 32-wide heads; image
-# U-Net with SD's 8 heads; decoder 48-192; CLIP 576 wide with 64-wide heads), 8 frames.
+# U-Net with SD's 8 heads; decoder 64-96-192 (48 does not divide into 32 groups); CLIP 576 wide with 64-wide heads), 8 frames.
 SIZES["h32f16"] = _variant(
     "medium", video_unet=dict(num_attention_heads=(2, 4, 8, 8), num_frames=16), video=dict(frames=16),
     image_unet=dict(attention_head_dim=(2, 4, 8, 8)), decode=dict(frames=16),
@@ -113,7 +113,7 @@ SIZES["h32f16"] = _variant(
 SIZES["w1.5"] = _variant(
     "medium", video_unet=dict(block_out_channels=(96, 192, 384, 384), num_attention_heads=(3, 6, 12, 12)),
     image_unet=dict(block_out_channels=(96, 192, 384, 384)),
-    vae=dict(block_out_channels=(48, 96, 192, 192)),
+    vae=dict(block_out_channels=(64, 96, 192, 192)),  # 48 would not divide into the VAE's 32 groups
     clip=dict(hidden_size=576, intermediate_size=2304, num_attention_heads=9))
 SIZE_NAMES = tuple(SIZES)
 
