@@ -363,3 +363,28 @@ def test_temporal_context_length_is_checked_and_stored(setup, tmp_path):
     video = VideoUNet.from_image_unet(setup.image, TemporalConfig.paper(temporal_context_length=2))
     save_temporal(video, tmp_path / "t.safetensors")
     assert load_temporal(setup.image, tmp_path / "t.safetensors").config.temporal_context_length == 2
+
+
+def test_temporal_conv_is_the_convolution():
+    """The (3, 1, 1) temporal convolution computed as one matmul over frame-shifted inputs gives nnx.Conv's
+    outputs and gradients (same kernel and bias), with the 'same' zero padding at both ends of the clip."""
+    from vldm_jax.nn.temporal import TemporalConv, conv3d
+
+    layer = conv3d(32, 48, (3, 1, 1), rngs=nnx.Rngs(0))
+    assert isinstance(layer, TemporalConv)
+    conv = nnx.Conv(32, 48, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), rngs=nnx.Rngs(1))
+    conv.kernel.set_value(layer.kernel[...])
+    conv.bias.set_value(jax.random.normal(jax.random.key(2), (48,)))
+    layer.bias.set_value(conv.bias[...])
+    x = jax.random.normal(jax.random.key(3), (2, 5, 3, 2, 32))
+    np.testing.assert_allclose(layer(x), conv(x), atol=1e-5)
+
+    def grads(module):
+        g, s = nnx.split(module)
+        return jax.grad(lambda s, x: jnp.sum(jnp.sin(nnx.merge(g, s)(x))), argnums=(0, 1))(s, x)
+
+    (gs_ours, gx_ours), (gs_ref, gx_ref) = grads(layer), grads(conv)
+    np.testing.assert_allclose(gx_ours, gx_ref, atol=1e-4)
+    np.testing.assert_allclose(gs_ours["kernel"][...], gs_ref["kernel"][...], atol=1e-4)
+    narrow = conv3d(3, 3, (3, 1, 1), rngs=nnx.Rngs(0))  # below TEMPORAL_MATMUL_MIN_CHANNELS: XLA's convolution
+    assert narrow(x[..., :3]).shape == (2, 5, 3, 2, 3)

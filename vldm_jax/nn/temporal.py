@@ -54,11 +54,46 @@ class Buffer(nnx.Variable):
     """A stored constant that is part of the checkpoint but never trained (torch ``register_buffer``)."""
 
 
+# Below this many input channels a (k, 1, 1) temporal convolution stays XLA's convolution (the temporal decoder's
+# 3-channel ``time_conv_out``); from it on it is one matmul over k frame-shifted copies (see TemporalConv).
+TEMPORAL_MATMUL_MIN_CHANNELS = 32
+
+
+class TemporalConv(nnx.Conv):
+    """A ``(k, 1, 1)`` convolution over frames (``(B, F, H, W, C)``, 'same' zero padding of ``k // 2`` frames) as
+    one matmul: the ``k`` frame-shifted copies of the input concatenated on channels, ``(..., k*C) @ (k*C, O)``.
+
+    Same parameters (``kernel`` ``(k, 1, 1, C, O)`` DHWIO, ``bias``) and the same sum as ``nnx.Conv``, in another
+    order. Why: XLA's CPU convolution of this kernel ran 1.5-7x slower than the matmul at the video U-Net's shapes
+    (8x32x32x96: 55 vs 8 ms forward, 165 vs 75 ms for input and kernel gradients; docs/benchmarks.md, issue 21),
+    and its kernel gradient is canonicalised with transposes of whole activations. Other kernels, strides or
+    narrow inputs take ``nnx.Conv``'s path."""
+
+    def __call__(self, x, out_sharding=None):
+        k = self.kernel_size[0]
+        if (tuple(self.kernel_size[1:]) != (1, 1) or k % 2 == 0
+                or tuple(map(tuple, self.padding)) != ((k // 2, k // 2), (0, 0), (0, 0)) or self.in_features < TEMPORAL_MATMUL_MIN_CHANNELS
+                or x.ndim != 5 or self.feature_group_count != 1 or out_sharding is not None
+                or any(s != 1 for s in (self.strides if isinstance(self.strides, tuple) else (self.strides,)))):
+            return super().__call__(x, out_sharding=out_sharding)
+        dtype = self.dtype or x.dtype
+        kernel = self.kernel[...].astype(dtype).reshape(k * self.in_features, self.out_features)
+        f, p = x.shape[1], k // 2
+        xp = jnp.pad(x.astype(dtype), ((0, 0), (p, k - 1 - p), (0, 0), (0, 0), (0, 0)))
+        shifted = jnp.concatenate([xp[:, i:i + f] for i in range(k)], axis=-1) if k > 1 else xp
+        y = jnp.dot(shifted, kernel, precision=self.precision)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
 def conv3d(cin: int, cout: int, kernel: tuple[int, int, int] = (3, 1, 1), *, rngs: nnx.Rngs,
            dtype=jnp.float32) -> nnx.Conv:
-    """PyTorch-style ``Conv3d`` with 'same' symmetric padding over ``(F, H, W)``; DHWIO kernel."""
+    """PyTorch-style ``Conv3d`` with 'same' symmetric padding over ``(F, H, W)``; DHWIO kernel. A temporal-only
+    kernel ``(k, 1, 1)`` with odd ``k`` is a :class:`TemporalConv` (the same layer, computed as a matmul)."""
     pad = tuple((k // 2, k // 2) for k in kernel)
-    return nnx.Conv(cin, cout, kernel, padding=pad, dtype=dtype, rngs=rngs)
+    cls = TemporalConv if tuple(kernel[1:]) == (1, 1) and kernel[0] % 2 == 1 else nnx.Conv
+    return cls(cin, cout, kernel, padding=pad, dtype=dtype, rngs=rngs)
 
 
 class TemporalResnetBlock(nnx.Module):
