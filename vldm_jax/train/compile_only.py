@@ -115,6 +115,9 @@ def lower_train_step(config: Config, *, devices=None, mesh=None, mesh_spec: dict
 
     if config.train.threefry_partitionable is not None:
         jax.config.update("jax_threefry_partitionable", bool(config.train.threefry_partitionable))
+    if setup is None and config.model.pretrained and not config.model.random_init:
+        raise ConfigError("--compile-only reads no weights: add --set model.random_init=true (the real-size model of "
+                          "model.pretrained with random weights; the compiled step is the same)")
     devices = list(devices) if devices is not None else jax.devices()
     mesh = mesh or mesh_for(config, devices, mesh_spec)
     setup = setup or build_setup(config)
@@ -206,6 +209,11 @@ def run(config: Config, *, topology: str | None, mesh_spec: dict[str, int] | Non
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(r, indent=2, default=str) + "\n")
         tmp.replace(path)  # never a half-written report
-    if r["fits"] is False:
-        raise DoesNotFit(not_fitting_message(r, config))
+    check_fits(r, config)
     return r
+
+
+def check_fits(r: dict[str, Any], config: Config) -> None:
+    """Raises :class:`DoesNotFit` (the CLI: one line, exit 2) when the report's peak exceeds the chip's HBM."""
+    if r["hbm_bytes"] is not None and r["peak_bytes"] > r["hbm_bytes"]:
+        raise DoesNotFit(not_fitting_message(r, config))
