@@ -24,7 +24,6 @@ keep their names.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -205,38 +204,6 @@ def _per_layer(value, num_layers: int) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------------- blocks
 
-RECOMPUTE_IN_BACKWARD = "recompute_in_backward"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recomputed(f, *args):
-    return f(*args)
-
-
-def _recomputed_fwd(f, *args):
-    return f(*args), args  # residuals: the inputs only
-
-
-def _recomputed_bwd(f, args, cotangent):
-    # The barrier makes the recomputation depend on the output's cotangent, so it cannot run before the backward
-    # pass reaches this layer. jax.checkpoint alone leaves the scheduler free to hoist the recomputed forward next
-    # to the original one; XLA's CPU scheduler does, and the saved activations' peak stayed (docs/scale.md).
-    args, cotangent = jax.lax.optimization_barrier((args, cotangent))
-    _, vjp = jax.vjp(f, *args)
-    return vjp(cotangent)
-
-
-_recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
-
-
-def recompute_in_backward(fn: Callable, *args):
-    """``fn(*args)`` whose activations are not kept for the backward pass: only ``args`` are saved, and ``fn`` runs
-    again inside the backward pass once the cotangent of its output is there (gradients as without remat).
-    Closed-over traced values (e.g. a differentiable context) become explicit inputs (``jax.closure_convert``)."""
-    converted, consts = jax.closure_convert(fn, *args)
-    return _recomputed(converted, *args, *consts)
-
-
 class UNetBlock(nnx.Module):
     """Shared plumbing of the U-Net blocks: layer factories, layer hooks, optional rematerialisation.
 
@@ -271,12 +238,10 @@ class UNetBlock(nnx.Module):
         """Runs ``fn(self, *args)``, rematerialised in the backward pass when ``self.remat`` is set."""
         if not self.remat:
             return fn(self, *args)
+        policy = None if self.remat is True else self.remat
         # Plain jax.checkpoint over the split state: nnx.remat cannot re-enter a module that was merged
         # inside jax.grad (the train step's pattern), it refuses to touch Params of the outer trace.
         graphdef, state = nnx.split(self)
-        if self.remat == RECOMPUTE_IN_BACKWARD:
-            return recompute_in_backward(lambda st, *a: fn(nnx.merge(graphdef, st), *a), state, *args)
-        policy = None if self.remat is True else self.remat
         return jax.checkpoint(lambda st, *a: fn(nnx.merge(graphdef, st), *a), policy=policy)(state, *args)
 
     def _run_resnet(self, j, x, temb, extra):
@@ -569,13 +534,10 @@ class UNet2DConditionModel(nnx.Module):
 
 # Rematerialisation policies by name (config ``remat_policy``): "full" recomputes each resnet/transformer
 # in the backward pass; "dots_saveable" keeps matmul/conv outputs and recomputes the cheap elementwise rest.
-# "blocks" recomputes each resnet/transformer (temporal layers included) inside the backward pass, after the
-# cotangent of its output arrived, saving only its inputs: the policy that lowers the peak (docs/scale.md).
 REMAT_POLICIES: dict[str, Any] = {
     "none": False,
     "full": True,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "blocks": RECOMPUTE_IN_BACKWARD,
 }
 
 
