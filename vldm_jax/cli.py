@@ -215,6 +215,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="total training steps (train.steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.learning_rate=1e-4 (repeatable)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the training step (abstract arrays: no weights, no data) and print its memory per "
+                        "chip, FLOPs and estimated time; exits 2 if it does not fit (needs model.random_init=true "
+                        "or random model configs)")
+    p.add_argument("--topology", default=None, metavar="NAME",
+                   help="with --compile-only: a TPU slice to compile for, e.g. v5e:4x4, v5p:2x2x1 (libtpu; no TPU "
+                        "needed); default this host's devices")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                   help="with --compile-only: mesh sizes, e.g. data=4,fsdp=4 (missing axes 1; default config.mesh)")
+    p.add_argument("--report", default=None, metavar="JSON", help="with --compile-only: write the report here")
 
     _add_prepare_parser(sub)
 
@@ -589,6 +599,17 @@ def _cmd_train(args) -> int:
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     config = load_config(args.config, overrides)
+    if args.compile_only:
+        from vldm_jax.parallel.mesh import parse_mesh
+        from vldm_jax.train.compile_only import run
+
+        run(config, topology=args.topology, mesh_spec=parse_mesh(args.mesh) if args.mesh else None,
+            report=args.report, echo=print)
+        return 0
+    if args.topology or args.mesh or args.report:
+        from vldm_jax.errors import UserError
+
+        raise UserError("--topology, --mesh and --report go with --compile-only")
     workdir = args.workdir or config.train.workdir or str(default_workdir(args.config))
     result = train(config, workdir=workdir)
     if result.preempted:

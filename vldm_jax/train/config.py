@@ -35,6 +35,10 @@ class ModelConfig:
     ``vae`` and ``text_encoder`` dicts (diffusers config.json fields): a smoke-test setup, not a model."""
 
     pretrained: str | None = None
+    # Build the real-size model of ``pretrained`` with random weights: the architecture from the folder's
+    # config.json files (no weights read) or, for a hub id, from the bundled copy of the reference configs
+    # (vldm_jax/assets/reference_configs; no network). For --compile-only and smoke runs at full size.
+    random_init: bool = False
     unet: dict = dataclasses.field(default_factory=dict)
     vae: dict = dataclasses.field(default_factory=dict)
     text_encoder: dict = dataclasses.field(default_factory=dict)

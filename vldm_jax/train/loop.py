@@ -307,8 +307,10 @@ def _check_fingerprint(saved, now, where: str) -> None:
                                   "(model.pretrained or the model config changed); use a new workdir")
 
 
-def init_state(setup: Setup, config: Config, mesh, tx, filter_fn):
-    """``(graphdef, state, shardings)``: the sharded train state, built without gathering any array."""
+def abstract_train_state(setup: Setup, config: Config, mesh, tx, filter_fn):
+    """``(graphdef, abstract state, shardings, init)`` of a traceable setup: the train state as ShapeDtypeStructs
+    (nothing allocated) with its shardings, and ``init()`` -> the state (run under ``jax.jit`` with those shardings
+    by :func:`init_state`). The trainer and ``vldm train --compile-only`` both start here."""
     rules = [tuple(r) for r in config.mesh.rules]
     ema = config.optim.ema_decay > 0
     seed = config.train.seed
@@ -316,18 +318,28 @@ def init_state(setup: Setup, config: Config, mesh, tx, filter_fn):
     def split(model):
         return statelib.split_model(model, filter_fn)
 
+    graphdef, _, _ = split(nnx.eval_shape(setup.init_models))
+
+    def init_fn():
+        _, trainable, frozen = split(setup.init_models())
+        return statelib.new_train_state(trainable, frozen, tx, seed=seed, ema=ema)
+
+    abstract = jax.eval_shape(init_fn)
+    shardings = meshlib.tree_shardings(abstract, mesh, rules, config.mesh.min_shard_size)
+    return graphdef, abstract, shardings, init_fn
+
+
+def init_state(setup: Setup, config: Config, mesh, tx, filter_fn):
+    """``(graphdef, state, shardings)``: the sharded train state, built without gathering any array."""
+    rules = [tuple(r) for r in config.mesh.rules]
+    ema = config.optim.ema_decay > 0
+    seed = config.train.seed
+
     if setup.traceable:
-        graphdef, _, _ = split(nnx.eval_shape(setup.init_models))
-
-        def init_fn():
-            _, trainable, frozen = split(setup.init_models())
-            return statelib.new_train_state(trainable, frozen, tx, seed=seed, ema=ema)
-
-        abstract = jax.eval_shape(init_fn)
-        shardings = meshlib.tree_shardings(abstract, mesh, rules, config.mesh.min_shard_size)
+        graphdef, _, shardings, init_fn = abstract_train_state(setup, config, mesh, tx, filter_fn)
         state = jax.jit(init_fn, out_shardings=shardings)()
     else:
-        graphdef, trainable, frozen = split(setup.init_models())
+        graphdef, trainable, frozen = statelib.split_model(setup.init_models(), filter_fn)
 
         def init_fn(trainable, frozen):
             return statelib.new_train_state(trainable, frozen, tx, seed=seed, ema=ema)
@@ -345,6 +357,8 @@ def init_state(setup: Setup, config: Config, mesh, tx, filter_fn):
 
 
 def compile_step(graphdef, setup: Setup, config: Config, tx, schedule, mesh, shardings):
+    """The jitted train step with its shardings: what the loop runs, and what ``vldm train --compile-only``
+    lowers with abstract arguments (:mod:`vldm_jax.train.compile_only`)."""
     step = in_mesh(statelib.make_train_step(graphdef, setup.objective.loss, tx, schedule, config.optim.ema_decay),
                    mesh)
     return jax.jit(step, in_shardings=(shardings, meshlib.batch_sharding(mesh)),

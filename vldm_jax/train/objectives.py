@@ -440,6 +440,57 @@ def _temporal_config(options: Mapping[str, Any]):
         raise ConfigError(f"model.temporal: {e} (fields: {', '.join(TemporalConfig.fields())})") from None
 
 
+# Hub ids whose reference configs are bundled (vldm_jax/assets/reference_configs/<folder>).
+REFERENCE_CONFIGS = {
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "stable-diffusion-v1-5",
+    "benjamin-paine/stable-diffusion-v1-5": "stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-x4-upscaler": "stable-diffusion-x4-upscaler",
+}
+_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+          "scheduler": "scheduler_config.json"}
+
+
+def reference_configs(pretrained: str) -> dict[str, dict]:
+    """``{unet, vae, text_encoder, scheduler}`` config dicts of a pipeline folder (its config.json files only) or of
+    a hub id with a bundled copy (:data:`REFERENCE_CONFIGS`)."""
+    import json
+    from importlib import resources
+
+    folder = Path(pretrained)
+    if not folder.is_dir():
+        name = REFERENCE_CONFIGS.get(str(pretrained).strip("/"))
+        if name is None:
+            raise ConfigError(f"model.random_init: {pretrained!r} is neither a pipeline folder nor a hub id with "
+                              f"bundled configs ({', '.join(REFERENCE_CONFIGS)}); set model.unet/vae/text_encoder")
+        folder = Path(str(resources.files("vldm_jax") / "assets" / "reference_configs" / name))
+    out = {}
+    for part, file in _PARTS.items():
+        path = folder / part / file
+        if path.is_file():
+            out[part] = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    if "unet" not in out:
+        raise ConfigError(f"model.random_init: {folder} has no unet/config.json")
+    return out
+
+
+def resolve_random_init(config):
+    """``config`` unchanged, or with ``model.random_init``: ``model.pretrained`` replaced by its architecture (the
+    ``model.unet`` / ``vae`` / ``text_encoder`` / ``scheduler`` dicts, each entry set in the config winning), so the
+    setup builders take their random path at the real size; the step is the same as with loaded weights."""
+    m = config.model
+    if not m.random_init or not m.pretrained:
+        return config
+    if m.motion_adapter:
+        raise ConfigError("model.random_init builds new motion modules; unset model.motion_adapter")
+    ref = reference_configs(m.pretrained)
+    parts = {k: {**ref.get(k, {}), **getattr(m, k)} for k in ("unet", "vae", "text_encoder", "scheduler")}
+    arch = [k for k in ("architectures", "torch_dtype", "transformers_version") if k in parts["text_encoder"]]
+    for k in arch:
+        parts["text_encoder"].pop(k)
+    return dataclasses.replace(config, model=dataclasses.replace(m, pretrained=None, **parts))
+
+
 def build_setup(config) -> Setup:
     """The temporal fine-tuning setup of a :class:`~vldm_jax.train.config.Config`.
 
@@ -452,6 +503,7 @@ def build_setup(config) -> Setup:
     from vldm_jax.models.unet import UNet2DConditionConfig, VideoUNet, VideoUNetConfig
     from vldm_jax.train.state import compute_dtype
 
+    config = resolve_random_init(config)
     m, o = config.model, config.objective
     if o.name in SETUP_BUILDERS:
         import importlib
