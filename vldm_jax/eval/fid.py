@@ -21,7 +21,7 @@ import numpy as np
 
 from vldm_jax.errors import UserError
 from vldm_jax.eval.features import VIDEO_SUFFIXES, FeatureExtractor, _is_tfds_folder, _tfds_videos, resize_matrix
-from vldm_jax.eval.frechet import RunningStats, frechet_distance
+from vldm_jax.eval.frechet import RunningStats, distance_between_sets
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -126,16 +126,9 @@ def fid_of_folders(real, generated, extractor: FeatureExtractor, *, frames: int 
                    limit: int | None = None, save_stats: str | os.PathLike | None = None, progress=None) -> dict:
     """``{"fid", "n_real", "n_generated" (frames), "seconds", "feature_seconds_per_1000_frames"}``."""
     t0 = time.perf_counter()
-    n1, mu1, s1 = set_statistics(real, extractor, frames=frames, limit=limit, progress=progress)
-    if save_stats:
-        save = Path(save_stats)
-        tmp = save.with_name(f".{save.name}.tmp.npz")
-        np.savez(tmp, n=n1, mu=mu1, sigma=s1)
-        os.replace(tmp, save)
-    n2, mu2, s2 = set_statistics(generated, extractor, frames=frames, limit=limit, progress=progress)
-    if mu1.shape != mu2.shape:
-        raise UserError(f"feature dimensions differ: {mu1.shape[0]} (real) and {mu2.shape[0]} (generated)")
-    out = {"fid": frechet_distance(mu1, s1, mu2, s2), "n_real": int(n1), "n_generated": int(n2),
+    d = distance_between_sets(lambda source: set_statistics(source, extractor, frames=frames, limit=limit, progress=progress), real, generated,
+                              save_stats=save_stats)
+    out = {"fid": d["distance"], "n_real": d["n_real"], "n_generated": d["n_generated"],
            "seconds": round(time.perf_counter() - t0, 3)}
     if extractor.count:
         out["feature_seconds_per_1000_frames"] = round(1000 * extractor.seconds / extractor.count, 1)

@@ -122,3 +122,19 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def distance_between_sets(stats_of, real, generated, *, save_stats: str | os.PathLike | None = None) -> dict:
+    """The Fréchet distance between two sets (FVD's videos, FID's frames): ``stats_of(source)`` gives a set's
+    ``(n, mean, cov)``; the real set's statistics are saved to ``save_stats`` (an ``.npz``, written atomically)
+    before the generated set is read. Returns ``{"distance", "n_real", "n_generated"}``."""
+    n1, mu1, s1 = stats_of(real)
+    if save_stats:
+        save = Path(save_stats)
+        tmp = save.with_name(f".{save.name}.tmp.npz")
+        np.savez(tmp, n=n1, mu=mu1, sigma=s1)
+        os.replace(tmp, save)
+    n2, mu2, s2 = stats_of(generated)
+    if mu1.shape != mu2.shape:
+        raise UserError(f"feature dimensions differ: {mu1.shape[0]} (real) and {mu2.shape[0]} (generated)")
+    return {"distance": frechet_distance(mu1, s1, mu2, s2), "n_real": int(n1), "n_generated": int(n2)}

@@ -16,7 +16,7 @@ import numpy as np
 
 from vldm_jax.errors import UserError
 from vldm_jax.eval.features import FeatureExtractor, I3DPreprocess, iter_video_batches
-from vldm_jax.eval.frechet import RunningStats, frechet_distance
+from vldm_jax.eval.frechet import RunningStats, distance_between_sets
 
 
 def i3d_extractor(model, *, size: int = 224, frames: int = 16, batch_size: int = 8, mesh=None,
@@ -47,16 +47,9 @@ def fvd_of_folders(real, generated, extractor: FeatureExtractor, *, frames: int 
                    save_stats: str | os.PathLike | None = None, progress=None) -> dict:
     """``{"fvd", "n_real", "n_generated", "seconds", "seconds_per_1000_videos"}``."""
     t0 = time.perf_counter()
-    n1, mu1, s1 = set_statistics(real, extractor, frames=frames, limit=limit, progress=progress)
-    if save_stats:
-        save = Path(save_stats)
-        tmp = save.with_name(f".{save.name}.tmp.npz")
-        np.savez(tmp, n=n1, mu=mu1, sigma=s1)
-        os.replace(tmp, save)
-    n2, mu2, s2 = set_statistics(generated, extractor, frames=frames, limit=limit, progress=progress)
-    if mu1.shape != mu2.shape:
-        raise UserError(f"feature dimensions differ: {mu1.shape[0]} (real) and {mu2.shape[0]} (generated)")
-    out = {"fvd": frechet_distance(mu1, s1, mu2, s2), "n_real": int(n1), "n_generated": int(n2),
+    d = distance_between_sets(lambda source: set_statistics(source, extractor, frames=frames, limit=limit, progress=progress), real, generated,
+                              save_stats=save_stats)
+    out = {"fvd": d["distance"], "n_real": d["n_real"], "n_generated": d["n_generated"],
            "seconds": round(time.perf_counter() - t0, 3)}
     if extractor.count:
         out["feature_seconds_per_1000_videos"] = round(1000 * extractor.seconds / extractor.count, 1)
