@@ -27,7 +27,7 @@ def report():
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("c", [4, 8])
+@pytest.mark.parametrize("c", [2, 4, 8])
 def test_forward_and_gradient_equal_one_device(report, c):
     r = report[f"context{c}"]
     assert r["output_spec"] == "P(None, 'context')"  # the frames really are split
@@ -48,6 +48,7 @@ def test_xla_exchanges_frames_with_all_to_all_and_halos(report):
     assert ops["all-gather"] == 0  # nothing is gathered whole
 
 
-def test_train_step_equals_one_device(report):
-    r = report["train_step"]["data2_context4"]
+@pytest.mark.parametrize("c", [2, 4, 8])
+def test_train_step_equals_one_device(report, c):
+    r = report["train_step"][f"data1_context{c}"]
     assert r["loss"] < TOL and r["grad_norm"] < TOL and r["params"] < TOL
