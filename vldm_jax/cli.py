@@ -217,8 +217,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set optim.learning_rate=1e-4 (repeatable)")
     p.add_argument("--compile-only", action="store_true",
                    help="compile the training step (abstract arrays: no weights, no data) and print its memory per "
-                        "chip, FLOPs and estimated time; exits 2 if it does not fit (needs model.random_init=true "
-                        "or random model configs)")
+                        "chip, FLOPs and estimated time; exits 2 if it does not fit (implies model.random_init: the "
+                        "architecture of model.pretrained, no weights read or downloaded)")
     p.add_argument("--topology", default=None, metavar="NAME",
                    help="with --compile-only: a TPU slice to compile for, e.g. v5e:4x4, v5p:2x2x1 (libtpu; no TPU "
                         "needed); default this host's devices")

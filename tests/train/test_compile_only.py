@@ -85,7 +85,8 @@ def test_compile_only_cli_for_a_tpu_slice(tmp_path, capsys):
     assert "\n" not in str(e.value)
 
 
-def test_compile_only_needs_random_weights():
-    config = micro_config("model.pretrained=some/folder")
-    with pytest.raises(Exception, match="random_init"):
-        compile_only.lower_train_step(config)
+def test_compile_only_reads_architecture_not_weights():
+    # --compile-only implies model.random_init: a folder with config.json files and no weights is enough, and a
+    # model.pretrained that names no known architecture is one clear error.
+    with pytest.raises(Exception, match="random_init: 'some/folder' is neither"):
+        compile_only.lower_train_step(micro_config("model.pretrained=some/folder"))

@@ -34,6 +34,7 @@ from vldm_jax.errors import ConfigError, UserError
 from vldm_jax.nn.attention import Transformer2DModel
 from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from vldm_jax.nn.norm import GroupNorm
+from vldm_jax.nn.remat import recompute_in_backward
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
 from vldm_jax.nn.temporal import (
     CONTEXT_CONDITIONINGS,
@@ -204,6 +205,10 @@ def _per_layer(value, num_layers: int) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------------- blocks
 
+# ``remat`` value of a block: recompute each resnet/transformer inside the backward pass (nn/remat.py).
+RECOMPUTE_IN_BACKWARD = "recompute_in_backward"
+
+
 class UNetBlock(nnx.Module):
     """Shared plumbing of the U-Net blocks: layer factories, layer hooks, optional rematerialisation.
 
@@ -211,7 +216,7 @@ class UNetBlock(nnx.Module):
     ``jax.checkpoint`` policy.
     """
 
-    remat: bool | Callable = False
+    remat: bool | str | Callable = False
 
     def _make_resnet(self, in_channels: int, out_channels: int, *, temb_channels: int, eps: float, groups: int,
                      time_scale_shift: str, output_scale_factor: float = 1.0, rngs: nnx.Rngs, dtype) -> nnx.Module:
@@ -242,6 +247,8 @@ class UNetBlock(nnx.Module):
         # Plain jax.checkpoint over the split state: nnx.remat cannot re-enter a module that was merged
         # inside jax.grad (the train step's pattern), it refuses to touch Params of the outer trace.
         graphdef, state = nnx.split(self)
+        if self.remat == RECOMPUTE_IN_BACKWARD:
+            return recompute_in_backward(lambda st, *a: fn(nnx.merge(graphdef, st), *a), state, *args)
         return jax.checkpoint(lambda st, *a: fn(nnx.merge(graphdef, st), *a), policy=policy)(state, *args)
 
     def _run_resnet(self, j, x, temb, extra):
@@ -532,17 +539,22 @@ class UNet2DConditionModel(nnx.Module):
 
 # ============================================================================================ video U-Net
 
-# Rematerialisation policies by name (config ``remat_policy``): "full" recomputes each resnet/transformer
-# in the backward pass; "dots_saveable" keeps matmul/conv outputs and recomputes the cheap elementwise rest.
+# Rematerialisation policies by name (config ``remat_policy``, train config ``model.remat``): "full" recomputes
+# each resnet/transformer inside the backward pass, once the cotangent of its output exists (nn/remat.py: the
+# recomputation cannot be hoisted next to the forward pass, so the peak really falls); "checkpoint" is plain
+# ``jax.checkpoint`` per layer (XLA's CPU scheduler runs its recomputations early: no memory saved there);
+# "dots_saveable" is ``jax.checkpoint`` keeping matmul/conv outputs, recomputing the cheap elementwise rest.
 REMAT_POLICIES: dict[str, Any] = {
     "none": False,
-    "full": True,
+    "full": RECOMPUTE_IN_BACKWARD,
+    "checkpoint": True,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
 }
 
 
 def remat_policy(value: str | bool | Callable) -> bool | Callable:
-    """A ``remat`` setting from a policy name (``none``, ``full``, ``dots_saveable``), a bool or a policy."""
+    """A ``remat`` setting from a policy name (``none``, ``full``, ``checkpoint``, ``dots_saveable``), a bool or a
+    policy."""
     if isinstance(value, str):
         if value not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat_policy {value!r}; choose one of {', '.join(REMAT_POLICIES)}")
@@ -666,7 +678,7 @@ class VideoUNetConfig(TemporalConfig, UNet2DConditionConfig):
     ``use_added_time_ids``: SVD's micro-conditioning: ``added_time_ids (B, n)`` (fps, motion bucket,
     noise augmentation) -> sinusoids of width ``addition_time_embed_dim`` -> ``add_embedding``
     (``projection_class_embeddings_input_dim = n * addition_time_embed_dim``), added to the timestep
-    embedding. ``remat_policy``: ``none``, ``full`` or ``dots_saveable``.
+    embedding. ``remat_policy``: ``none``, ``full``, ``checkpoint`` or ``dots_saveable``.
 
     2D block types (``CrossAttnDownBlock2D``...) take their resnet eps from ``norm_eps`` (a video U-Net
     made from an SD checkpoint); SVD's ``*SpatioTemporal`` types use the eps diffusers hard-codes per block.

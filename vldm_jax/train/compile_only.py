@@ -8,10 +8,10 @@ with ``jax.ShapeDtypeStruct`` arguments (no weights allocated, no data read) and
 yields for ``config.data`` (uint8 ``video`` (B, F, H, W, 3), ``image_only_indicator``, captions tokenized by the
 objective's ``host_batch``; or cached ``latents`` + ``encoder_hidden_states``), with B the global batch.
 
-Weights must not be read, so the models are built at random (a traceable setup): ``model.pretrained`` null with
-``model.unet``... dicts, or ``model.random_init=true`` (the architecture of ``model.pretrained`` from its
-config.json files or the bundled reference configs). The compiled program is the same either way: weights are
-arguments of the step.
+Weights are never read, so the models are built at random (a traceable setup): ``model.pretrained`` null with
+``model.unet``... dicts, or ``model.pretrained`` with ``model.random_init`` (implied here: the architecture of
+``model.pretrained`` from its config.json files or the bundled reference configs, no download). The compiled
+program is the same either way: weights are arguments of the step.
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ def lower_train_step(config: Config, *, devices=None, mesh=None, mesh_spec: dict
     if config.train.threefry_partitionable is not None:
         jax.config.update("jax_threefry_partitionable", bool(config.train.threefry_partitionable))
     if setup is None and config.model.pretrained and not config.model.random_init:
-        raise ConfigError("--compile-only reads no weights: add --set model.random_init=true (the real-size model of "
-                          "model.pretrained with random weights; the compiled step is the same)")
+        # Weights are arguments of the step, never constants: the architecture of model.pretrained (its config.json
+        # files, or the bundled reference configs of a hub id) compiles the same program, with no download.
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, random_init=True))
     devices = list(devices) if devices is not None else jax.devices()
     mesh = mesh or mesh_for(config, devices, mesh_spec)
     setup = setup or build_setup(config)

@@ -48,7 +48,8 @@ class ModelConfig:
     temporal: dict = dataclasses.field(default_factory=dict)
     # Compute dtype of the networks (parameters stay float32): float32 or bfloat16.
     dtype: str = "float32"
-    # Rematerialisation of U-Net blocks in the backward pass: none, full, dots_saveable.
+    # Rematerialisation of U-Net blocks in the backward pass: none, full (recomputed inside the backward pass; the
+    # one that lowers the peak), checkpoint (jax.checkpoint per layer), dots_saveable.
     remat: str = "none"
     # Which U-Net parameters train: 'temporal' (Video LDM), 'all', or a regex searched in the dotted path.
     trainable: str = "temporal"
