@@ -331,11 +331,13 @@ def temporal_train_step(model):
     return step, trainable, opt.init(trainable), frozen
 
 
-def bench_train_step(cfg, folder, model, reps, peak, rng):
+def bench_train_step(cfg, folder, model, reps, peak, rng, remat: str = "full"):
     """One training step of the temporal stage on the video U-Net: eps-MSE on noised latents, gradients of the
     temporal parameters only (the image layers frozen, Video LDM's recipe), AdamW update. Ours: one jitted
-    step with the parameters and optimizer state donated. diffusers: the same weights with requires_grad on the
-    temporal parameters only (the same name rule), forward, backward and ``torch.optim.AdamW.step``."""
+    step with the parameters and optimizer state donated, with the remat policy ``remat`` (``model.remat`` of the
+    training configs; "full" recomputes each block in the backward pass, and on CPU it is also the faster step).
+    diffusers: the same weights with requires_grad on the temporal parameters only (the same name rule), forward,
+    backward and ``torch.optim.AdamW.step``, without gradient checkpointing (its fastest)."""
     import diffusers
     import jax
     import jax.numpy as jnp
@@ -351,7 +353,11 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
     ctx = _randn(rng, (b, 1, c.cross_attention_dim))
     ids = rng.uniform(0, 128, (b, c.projection_class_embeddings_input_dim // c.addition_time_embed_dim)).astype(
         np.float32)
-    step, trainable, opt_state, frozen = temporal_train_step(model)
+    model.set_remat(remat)
+    try:
+        step, trainable, opt_state, frozen = temporal_train_step(model)
+    finally:
+        model.set_remat("none")
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(trainable))
 
     jstep = jax.jit(step, donate_argnums=(0, 1))
@@ -367,7 +373,7 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
         state["tr"], state["opt"], loss = compiled(state["tr"], state["opt"], *args[2:])
         jax.block_until_ready(loss)
 
-    jrec = {**time_calls(run_ours, reps), "compile_s": compile_s, "xla_flops": flops, **rss()}
+    jrec = {**time_calls(run_ours, reps), "compile_s": compile_s, "xla_flops": flops, "remat": remat, **rss()}
     if memory is not None:
         jrec["memory"] = memory
     if flops:
@@ -396,7 +402,7 @@ def bench_train_step(cfg, folder, model, reps, peak, rng):
         trec.update(gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)
     del ref
     rec = _pair("temporal training step (AdamW)", jrec, trec,
-                f"B={b} F={f} {h}x{w}x{c.in_channels}, {n_train / 1e6:.2f}M temporal params")
+                f"B={b} F={f} {h}x{w}x{c.in_channels}, {n_train / 1e6:.2f}M temporal params, ours remat {remat}")
     rec["trainable_params"] = {"jax": n_train, "torch": int(n_torch)}
     return rec
 
@@ -704,7 +710,7 @@ def planned_steps(sizes, only: set[str], load_folder=None) -> int:
     return 1 + len(sizes) * per_size + (1 if load_folder and "loading" in only else 0)
 
 
-def run_size(size: str, reps: int, only: set[str], peak: float, log) -> dict:
+def run_size(size: str, reps: int, only: set[str], peak: float, log, train_remat: str = "full") -> dict:
     cfg = SIZES[size]
     rng = np.random.default_rng(0)
     loop_reps = max(1, min(reps, 3))
@@ -719,7 +725,7 @@ def run_size(size: str, reps: int, only: set[str], peak: float, log) -> dict:
         if "train_step" in only:
             log(f"[{size}] temporal training step")
             items.append(bench_train_step(cfg, Path(tmp, "video_unet", "unet"), video_model, max(1, min(reps, 3)),
-                                          peak, rng))
+                                          peak, rng, remat=train_remat))
         if only & {"image_unet", "sampling_loop"}:
             log(f"[{size}] image U-Net and sampling loop")
             unet, loop, proof = bench_image_unet_and_loop(cfg, Path(tmp, "image_unet"), reps, loop_reps, peak, rng)
@@ -804,7 +810,7 @@ def format_table(results: dict) -> str:
 
 
 def run(sizes=("tiny", "medium"), reps: int = 5, out: str | None = "results.json", only=None, log=None,
-        load_folder=None, progress: bool = True) -> dict:
+        load_folder=None, progress: bool = True, train_remat: str = "full") -> dict:
     import torch
 
     only = set(only or ITEMS)
@@ -819,7 +825,7 @@ def run(sizes=("tiny", "medium"), reps: int = 5, out: str | None = "results.json
         raise UserError(f"unknown benchmark items {sorted(unknown)}; choose from {', '.join(ITEMS)}")
     torch.set_num_threads(os.cpu_count())
     results = {"machine": machine_info(), "load_average_before": load_average(), "reps": reps, "steps": STEPS,
-               "guidance": GUIDANCE, "sizes": {}}
+               "guidance": GUIDANCE, "train_remat": train_remat, "sizes": {}}
     log("matmul peak")
     results["matmul_peak"] = matmul_peak()
     # On a shared CPU the matmul gets whatever share of the cores is free at that moment, so the fastest run
@@ -827,7 +833,7 @@ def run(sizes=("tiny", "medium"), reps: int = 5, out: str | None = "results.json
     peak = results["matmul_peak"]["best_gflops_per_s"] * 1e9
     for size in sizes:
         t0 = time.perf_counter()
-        results["sizes"][size] = run_size(size, reps, only, peak, log)
+        results["sizes"][size] = run_size(size, reps, only, peak, log, train_remat=train_remat)
         results["sizes"][size]["wall_s"] = time.perf_counter() - t0
     if load_folder and "loading" in only:
         log(f"loading {load_folder}")
@@ -858,6 +864,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--load-folder", metavar="PATH", default=None,
                    help="with the loading item: also time loading this diffusers component folder (e.g. the "
                         "real-size SD 1.5 U-Net) against safetensors.numpy.load_file and diffusers")
+    p.add_argument("--train-remat", default="full", choices=("none", "full", "checkpoint", "dots_saveable"),
+                   help="our training step's remat policy (model.remat; default full, the training configs' choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -877,7 +885,7 @@ def main(argv=None, prog: str | None = None) -> int:
             results = cli_benchmark.read_results(args.results, what="results")
         else:
             results = run(args.size, args.reps, args.out, args.only, load_folder=args.load_folder,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, train_remat=args.train_remat)
             print(format_table(results))
     except UserError as e:  # one line, exit 2, as every vldm command (also when run as a script)
         print(f"{prog or 'benchmark'}: error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -187,7 +187,7 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
 def not_fitting_message(r: dict[str, Any], config: Config) -> str:
     over = (r["peak_bytes"] - r["hbm_bytes"]) / aot.GiB
     tries = []
-    if config.model.remat in ("none", "dots_saveable"):
+    if config.model.remat in ("none", "checkpoint", "dots_saveable"):
         tries.append("--set model.remat=full")
     if config.model.dtype == "float32":
         tries.append("--set model.dtype=bfloat16")
