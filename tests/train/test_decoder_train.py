@@ -1,7 +1,8 @@
 """Decoder fine-tuning as an objective of ``vldm train`` (``objective.name: decoder``, configs/decoder_tiny.yaml):
 the real loop on rendered moving-shapes clips changes only the decoder's temporal layers and the discriminator
 (the encoder stays bit-identical) and exports the temporal VAE; the step lowers for ``--compile-only``; the paper
-config builds abstractly; bad options are one-line ConfigErrors."""
+config builds abstractly; a pretrained image VAE becomes a temporal decoder at the identity; bad options are one-line
+ConfigErrors."""
 
 from __future__ import annotations
 
@@ -123,6 +124,39 @@ def test_paper_config_builds_abstractly():
     assert 83_000_000 < n_frozen < vae_total < 200_000_000 and n_train > 0
     print(f"t2v_decoder: VAE {vae_total:,} ({vae_total - n_frozen:,} temporal), trainable with the discriminator "
           f"{n_train:,}")
+
+
+def test_pretrained_vae_becomes_a_temporal_decoder(tmp_path):
+    """model.pretrained: an image VAE folder, or a pipeline folder's vae/, turns into a temporal VAE at the identity
+    with the image VAE's weights; a temporal VAE folder (an earlier export) is fine-tuned as it is."""
+    import json
+
+    from vldm_jax.checkpoints.store import save_module
+    from vldm_jax.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+
+    image = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                                              up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+                                              mid_block_add_attention=False), rngs=nnx.Rngs(3))
+    (tmp_path / "pipe" / "vae").mkdir(parents=True)
+    save_module(image, tmp_path / "pipe" / "vae")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "X", "vae": ["x", "y"]}))
+    image_weights = _flat(nnx.state(image))
+    for folder in (tmp_path / "pipe", tmp_path / "pipe" / "vae"):
+        setup = build_setup(load_config(CONFIG, [f"model.pretrained={folder}"]))
+        assert not setup.traceable
+        models = setup.init_models()
+        assert isinstance(models.vae, AutoencoderKLTemporalDecoder)
+        video = _flat(nnx.state(models.vae))
+        np.testing.assert_array_equal(video["encoder.conv_in.kernel"], image_weights["encoder.conv_in.kernel"])
+        np.testing.assert_array_equal(video["decoder.up_blocks.0.resnets.0.spatial_res_block.conv1.kernel"],
+                                      image_weights["decoder.up_blocks.0.resnets.0.conv1.kernel"])
+        assert not np.any(video["decoder.mid_block.resnets.0.temporal_res_block.conv2.kernel"])  # identity start
+    (tmp_path / "temporal_vae").mkdir()
+    save_module(models.vae, tmp_path / "temporal_vae")
+    again = build_setup(load_config(CONFIG, [f"model.pretrained={tmp_path / 'temporal_vae'}"])).init_models()
+    assert isinstance(again.vae, AutoencoderKLTemporalDecoder)
+    np.testing.assert_array_equal(_flat(nnx.state(again.vae))["decoder.time_conv_out.kernel"],
+                                  video["decoder.time_conv_out.kernel"])
 
 
 @pytest.mark.parametrize("override, match", [
