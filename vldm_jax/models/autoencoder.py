@@ -361,6 +361,21 @@ class AutoencoderKLTemporalDecoderConfig:
     def mid_block_layers(self) -> int:
         return self.layers_per_block if self.mid_block_num_layers is None else self.mid_block_num_layers
 
+    @classmethod
+    def from_image_config(cls, ic: AutoencoderKLConfig) -> "AutoencoderKLTemporalDecoderConfig":
+        """The temporal decoder of an image VAE with config ``ic``: the same encoder, latent space and spatial
+        decoder layout (what :meth:`AutoencoderKLTemporalDecoder.from_image_vae` fills with its weights)."""
+        if ic.shift_factor is not None or ic.latents_mean is not None:
+            # Only the scale travels with the config; a shifted latent space would decode wrong in pipelines.
+            raise ConfigError("from_image_vae: VAEs with shift_factor / latents_mean are not supported")
+        return cls(
+            in_channels=ic.in_channels, out_channels=ic.out_channels, down_block_types=ic.down_block_types,
+            block_out_channels=ic.block_out_channels, layers_per_block=ic.layers_per_block,
+            latent_channels=ic.latent_channels, sample_size=ic.sample_size, scaling_factor=ic.scaling_factor,
+            force_upcast=ic.force_upcast, norm_num_groups=ic.norm_num_groups, use_quant_conv=ic.use_quant_conv,
+            use_post_quant_conv=ic.use_post_quant_conv, mid_block_add_attention=ic.mid_block_add_attention,
+            mid_block_num_layers=2)
+
     def image_config(self) -> AutoencoderKLConfig:
         """The image-VAE config of the same encoder (the encoder is shared by both classes)."""
         n = len(self.block_out_channels)
@@ -638,17 +653,7 @@ class AutoencoderKLTemporalDecoder(nnx.Module):
         """
         if not isinstance(vae, AutoencoderKL):  # modules don't load: a folder is the checkpoints layer's
             raise ConfigError(f"from_image_vae: expected an AutoencoderKL, got {type(vae).__name__}")
-        ic = vae.config
-        if ic.shift_factor is not None or ic.latents_mean is not None:
-            # Only the scale travels with the config; a shifted latent space would decode wrong in pipelines.
-            raise ConfigError("from_image_vae: VAEs with shift_factor / latents_mean are not supported")
-        config = AutoencoderKLTemporalDecoderConfig(
-            in_channels=ic.in_channels, out_channels=ic.out_channels, down_block_types=ic.down_block_types,
-            block_out_channels=ic.block_out_channels, layers_per_block=ic.layers_per_block,
-            latent_channels=ic.latent_channels, sample_size=ic.sample_size, scaling_factor=ic.scaling_factor,
-            force_upcast=ic.force_upcast, norm_num_groups=ic.norm_num_groups, use_quant_conv=ic.use_quant_conv,
-            use_post_quant_conv=ic.use_post_quant_conv, mid_block_add_attention=ic.mid_block_add_attention,
-            mid_block_num_layers=2)
+        config = AutoencoderKLTemporalDecoderConfig.from_image_config(vae.config)
         dtype = vae.dtype if dtype is None else dtype
         rngs = rngs or nnx.Rngs(0)
         # Built abstractly: initialising the spatial half only to overwrite it costs a compile per shape.

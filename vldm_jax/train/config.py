@@ -90,7 +90,7 @@ class ObjectiveConfig:
 
     name: str = "temporal"
     # Options of objectives built by their own module (objectives.SETUP_BUILDERS: vae, image, prediction,
-    # interpolation, upsampler); each documents and validates its keys.
+    # interpolation, upsampler, animatediff, decoder); each documents and validates its keys.
     options: dict = dataclasses.field(default_factory=dict)
     # Override of the scheduler's prediction_type (epsilon, v_prediction, sample); null keeps the model's.
     prediction_type: str | None = None

@@ -18,11 +18,21 @@ Both players train from one loss: the generator term sees the discriminator's pa
 pass gives each its own gradient (the single-loss interface of :mod:`vldm_jax.train.objectives`). The
 models live in a :class:`DecoderFinetuneModels` container (``vae``, ``discriminator``); :func:`trainable_filter`
 picks what trains.
+
+``objective.name: decoder`` in a ``vldm train`` config (:func:`build_decoder_setup`): ``model.pretrained`` (a Stable
+Diffusion pipeline folder, single file or hub id, or a VAE folder) gives the VAE; an image VAE becomes a temporal
+decoder by :meth:`~vldm_jax.models.autoencoder.AutoencoderKLTemporalDecoder.from_image_vae` (spatial weights copied,
+temporal layers at the identity), a temporal one is fine-tuned as it is. Without it (or with ``model.random_init``)
+the temporal VAE of the ``model.vae`` dict (an ``AutoencoderKL`` config) is built at random. ``model.trainable``:
+``temporal`` (Video LDM) or ``decoder``. ``objective.options`` (:class:`DecoderOptions`): the loss weights and the
+discriminator. Batches carry ``video`` clips (uint8 from the data pipeline); the run writes the fine-tuned temporal
+VAE to ``workdir/export/vae`` (our format, :func:`vldm_jax.load_model` reads it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -35,7 +45,7 @@ from vldm_jax.errors import ConfigError
 from vldm_jax.models.autoencoder import is_temporal_path
 from vldm_jax.models.discriminator import hinge_d_loss, hinge_g_loss
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
-from vldm_jax.train.objectives import ObjectiveDefaults
+from vldm_jax.train.objectives import ObjectiveDefaults, Setup, parse_options
 
 TRAINABLE_SETS = ("temporal", "decoder")
 
@@ -229,9 +239,34 @@ class DecoderObjective(ObjectiveDefaults):
     trained_module: str = "vae"
 
     def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Only ``video`` enters the step (captions and indicators of the data pipeline are not used)."""
         if "video" not in batch:
             raise ConfigError(f"decoder fine-tuning batches need 'video' (have: {', '.join(sorted(batch))})")
-        return dict(batch)
+        return {"video": batch["video"]}
+
+    def trainable_filter(self, trainable: str):
+        """``model.trainable`` (``temporal`` or ``decoder``) of the VAE's decoder, and the discriminator (the
+        module-level :func:`trainable_filter`)."""
+        return trainable_filter(trainable)
+
+    def export(self, graphdef, state, workdir: Path, data, say: Callable[[str], None]) -> Path | None:
+        """Writes the fine-tuned (EMA when kept) temporal VAE to ``workdir/export/vae``: the decoder stage of a
+        video pipeline (``load_model`` reads it); the discriminator is not kept."""
+        from vldm_jax.checkpoints.store import atomic_folder, save_module
+
+        if jax.process_count() > 1 or not all(x.is_fully_addressable for x in jax.tree.leaves(state.trainable)):
+            return None  # a multi-host run's arrays are spread over hosts; its checkpoints hold them
+        params = state.ema if state.ema is not None else state.trainable
+        vae = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen)).vae
+        dst = Path(workdir) / "export" / "vae"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(dst, overwrite=True) as tmp:
+            save_module(vae, tmp)
+        say(f"wrote the {'EMA ' if state.ema is not None else ''}temporal VAE to {dst}")
+        return dst
+
+    def exported(self, workdir: Path) -> bool:
+        return (Path(workdir) / "export" / "vae").exists()
 
     def loss(self, model: DecoderFinetuneModels, batch, key):
         video = batch["video"]
@@ -275,3 +310,118 @@ def make_decoder_finetune_step(graphdef: nnx.GraphDef, tx: optax.GradientTransfo
         return trainable, opt_state, metrics
 
     return step_fn
+
+
+# ------------------------------------------------------------------------------------------- vldm train
+
+@dataclasses.dataclass(frozen=True)
+class DecoderOptions:
+    """``objective.options`` of ``decoder``: the weights of :class:`DecoderObjectiveConfig` and the discriminator."""
+
+    l1_weight: float = 1.0
+    # The repository has no perceptual network (LPIPS needs VGG16 and its linear layers, not bundled or converted
+    # here), so this must stay 0; :func:`lpips_distance` takes one for callers of decoder_losses that have it.
+    perceptual_weight: float = 0.0
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_start: int = 0
+    adaptive_weight_max: float = 1e4
+    # False: reconstruction only (no discriminator in the models).
+    discriminator: bool = True
+    # PatchDiscriminator3DConfig fields (base_channels, num_layers, temporal_kernel, norm_num_groups...).
+    discriminator_config: dict = dataclasses.field(default_factory=dict)
+
+
+def load_video_vae(pretrained: str, *, dtype, seed: int = 0) -> nnx.Module:
+    """The temporal VAE fine-tuned from ``pretrained``: a pipeline folder's ``vae/`` (only that part of a hub id
+    is fetched), a single-file Stable Diffusion checkpoint's VAE, or a VAE folder. An image ``AutoencoderKL``
+    becomes an :class:`AutoencoderKLTemporalDecoder` at the identity (temporal 3D convs' first kernels drawn from
+    ``seed``); a temporal one (SVD's, an earlier export of this objective) is returned as it is."""
+    from vldm_jax.checkpoints.pipeline_folder import INDEX, load_component, load_stable_diffusion, read_pipeline_folder
+    from vldm_jax.models.autoencoder import AutoencoderKL, AutoencoderKLTemporalDecoder
+
+    path = Path(pretrained)
+    if path.is_file():
+        vae = load_stable_diffusion(path, dtype=dtype).vae
+    elif path.exists():
+        vae = load_component(path, "vae", dtype=dtype)
+    else:  # a hub id of a pipeline: its vae/ only
+        files = ("config.json", "diffusion_pytorch_model.safetensors", "vldm_config.json", "params.safetensors")
+        folder = read_pipeline_folder(pretrained, allow_patterns=[INDEX] + [f"vae/{f}" for f in files])
+        folder.require(("vae",))
+        vae = folder.load("vae", dtype=dtype)
+    if isinstance(vae, AutoencoderKLTemporalDecoder):
+        return vae
+    if isinstance(vae, AutoencoderKL):
+        return AutoencoderKLTemporalDecoder.from_image_vae(vae, rngs=nnx.Rngs(seed))
+    raise ConfigError(f"model.pretrained {pretrained}: its VAE is a {type(vae).__name__}, not a KL autoencoder")
+
+
+def build_decoder_setup(config) -> Setup:
+    """``objective.name: decoder``: Video LDM's temporal-decoder fine-tuning (see the module docstring).
+
+    ``model.pretrained`` set: the VAE is loaded on the host (:func:`load_video_vae`; not traceable). Null: a random
+    :class:`AutoencoderKLTemporalDecoder` with the encoder and spatial decoder of the ``model.vae`` dict (an
+    ``AutoencoderKL`` config; ``model.random_init`` fills it from ``model.pretrained``'s config.json) and its
+    temporal layers at the identity, built under ``jax.jit`` (traceable, for ``--compile-only``). The discriminator
+    (:class:`PatchDiscriminator3D`, ``objective.options.discriminator_config``) is always new.
+    """
+    from vldm_jax.models.autoencoder import (
+        AutoencoderKLConfig,
+        AutoencoderKLTemporalDecoder,
+        AutoencoderKLTemporalDecoderConfig,
+    )
+    from vldm_jax.models.config import config_from_dict
+    from vldm_jax.models.discriminator import PatchDiscriminator3D, PatchDiscriminator3DConfig
+    from vldm_jax.train.state import compute_dtype
+
+    m, o = config.model, config.objective
+    opts = parse_options(DecoderOptions, o.options, "decoder")
+    if m.trainable not in TRAINABLE_SETS:
+        raise ConfigError(f"objective decoder: model.trainable must be one of {', '.join(TRAINABLE_SETS)} "
+                          f"(the encoder stays frozen), got {m.trainable!r}")
+    if opts.perceptual_weight:
+        raise ConfigError("objective decoder: no perceptual network in vldm_jax (LPIPS' VGG16 is not bundled); "
+                          "set objective.options.perceptual_weight=0")
+    if m.remat != "none":
+        raise ConfigError(f"objective decoder: the temporal VAE has no rematerialisation; set model.remat=none "
+                          f"(got {m.remat!r})")
+    if not o.encode_in_step:
+        raise ConfigError("objective decoder encodes the clips in the step (batches carry video); "
+                          "objective.encode_in_step=false is not supported")
+    disc_config = None
+    if opts.discriminator:
+        fields = [f.name for f in dataclasses.fields(PatchDiscriminator3DConfig)]
+        unknown = sorted(k for k in opts.discriminator_config if k not in fields)
+        if unknown:
+            raise ConfigError(f"unknown objective.options.discriminator_config key {unknown[0]!r} "
+                              f"(known: {', '.join(fields)})")
+        disc_config = config_from_dict(PatchDiscriminator3DConfig, dict(opts.discriminator_config))
+    loss_config = DecoderObjectiveConfig(
+        trainable=m.trainable, l1_weight=opts.l1_weight, perceptual_weight=opts.perceptual_weight,
+        disc_weight=opts.disc_weight, disc_factor=opts.disc_factor, disc_start=opts.disc_start,
+        adaptive_weight_max=opts.adaptive_weight_max, sample_posterior=o.sample_posterior)
+    objective = DecoderObjective(loss_config)
+    dtype = compute_dtype(m.dtype)
+    seed = config.train.seed
+
+    def discriminator(rngs):
+        return PatchDiscriminator3D(disc_config, rngs=rngs, dtype=dtype) if disc_config is not None else None
+
+    if m.pretrained:
+        vae = load_video_vae(m.pretrained, dtype=dtype, seed=seed)
+        return Setup(objective, lambda: DecoderFinetuneModels(vae, discriminator(nnx.Rngs(seed + 1))),
+                     traceable=False)
+
+    if not m.vae:
+        raise ConfigError("objective decoder needs model.pretrained (a Stable Diffusion folder, file or hub id, or a "
+                          "VAE folder) or model.vae (an AutoencoderKL config for random weights)")
+    vae_config = AutoencoderKLTemporalDecoderConfig.from_image_config(config_from_dict(AutoencoderKLConfig, m.vae))
+
+    def init_models():
+        rngs = nnx.Rngs(seed)
+        vae = AutoencoderKLTemporalDecoder(vae_config, rngs=rngs, dtype=dtype)
+        vae.decoder.init_temporal_as_identity()
+        return DecoderFinetuneModels(vae, discriminator(rngs))
+
+    return Setup(objective, init_models, traceable=True)

@@ -413,6 +413,7 @@ SETUP_BUILDERS: dict[str, str] = {
     "interpolation": "vldm_jax.train.context_objectives:build_interpolation_setup",
     "upsampler": "vldm_jax.train.upsampler_objective:build_upsampler_setup",
     "animatediff": "vldm_jax.train.animatediff_objective:build_animatediff_setup",
+    "decoder": "vldm_jax.train.decoder_objective:build_decoder_setup",
 }
 
 
