@@ -191,3 +191,22 @@ def test_registered_family(model):
 
     assert class_name_of_module(model) == "AutoencoderKLTemporalDecoder"
     assert FAMILIES["AutoencoderKLTemporalDecoder"].config_cls == "AutoencoderKLTemporalDecoderConfig"
+
+
+def test_remat_gives_the_same_gradients(model):
+    # set_remat(True): every spatio-temporal residual block is recomputed in the backward pass (nn/remat.py);
+    # loss and gradients of the decoder's parameters are those without remat.
+    graphdef, state = nnx.split(model)
+    z = latents(1, 3, hw=4)
+
+    def loss(state, remat):
+        vae = nnx.merge(graphdef, state)
+        vae.decoder.set_remat(remat)
+        return jnp.mean(vae.decode(z) ** 2)
+
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda s: loss(s, True))(state))
+    (v0, g0), (v1, g1) = jax.jit(lambda s: (jax.value_and_grad(loss)(s, False),
+                                            jax.value_and_grad(loss)(s, True)))(state)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)

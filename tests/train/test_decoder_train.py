@@ -164,7 +164,7 @@ def test_pretrained_vae_becomes_a_temporal_decoder(tmp_path):
     (["objective.options.perceptual_weight=1"], "no perceptual network"),
     (["objective.options.disc_strat=3"], "disc_strat"),
     (["objective.options.discriminator_config={base_chanels: 8}"], "base_chanels"),
-    (["model.remat=full"], "model.remat=none"),
+    (["model.remat=checkpoint"], "model.remat is none or full"),
     (["model.vae={}"], "model.pretrained"),
 ])
 def test_bad_options_are_one_line_config_errors(override, match):

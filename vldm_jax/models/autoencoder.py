@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.attention import Attention
 from vldm_jax.nn.norm import GroupNorm
+from vldm_jax.nn.remat import recompute_module
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
 from vldm_jax.nn.temporal import AlphaBlender, TemporalResnetBlock, conv3d, fold_frames, unfold_frames
 from vldm_jax.parallel.activations import CONTEXT_AXIS, activation_mesh, current_mesh
@@ -405,8 +406,16 @@ class VideoResBlock(nnx.Module):
                                                       eps=temporal_eps, groups=groups, rngs=rngs, dtype=dtype)
         self.time_mixer = AlphaBlender(merge_factor, "learned", switch_spatial_to_temporal_mix=True, rngs=rngs)
 
+    remat: bool = False  # recompute this block inside the backward pass (nn/remat.py); set by set_remat
+
     def __call__(self, x, *, num_frames: int, image_only_indicator=None):
         """x: folded frames ``(B*F, H, W, C_in)`` with ``F = num_frames`` -> ``(B*F, H, W, C_out)``."""
+        if self.remat:
+            return recompute_module(self, "forward", x, num_frames=num_frames,
+                                    image_only_indicator=image_only_indicator)
+        return self.forward(x, num_frames=num_frames, image_only_indicator=image_only_indicator)
+
+    def forward(self, x, *, num_frames: int, image_only_indicator=None):
         h = unfold_frames(self.spatial_res_block(x), num_frames)
         mixed = self.time_mixer(h, self.temporal_res_block(h), image_only_indicator)
         return fold_frames(mixed)
@@ -485,6 +494,13 @@ class TemporalDecoder(Decoder):
     def __call__(self, z, *, num_frames: int, image_only_indicator=None):
         h = self.features(z, num_frames=num_frames, image_only_indicator=image_only_indicator)
         return self.time_mix(h, num_frames=num_frames)
+
+    def set_remat(self, remat: bool) -> None:
+        """Recompute every spatio-temporal residual block inside the backward pass (True) or keep its activations
+        (False): the decoder fine-tune's memory at 320x512 is dominated by those blocks' activations."""
+        for _, module in nnx.iter_graph(self):
+            if isinstance(module, VideoResBlock):
+                module.remat = bool(remat)
 
     def init_temporal_as_identity(self) -> None:
         """Makes every temporal layer the identity so the decoder equals its spatial (image) decoder:

@@ -65,3 +65,15 @@ def recompute_in_backward(fn: Callable, *args):
     inputs (``jax.closure_convert``), so their gradients flow too."""
     converted, consts = jax.closure_convert(fn, *args)
     return _recomputed(converted, *args, *consts)
+
+
+
+def recompute_module(module, method: str, *args, **static_kwargs):
+    """``getattr(module, method)(*args, **static_kwargs)`` recomputed in the backward pass
+    (:func:`recompute_in_backward` over the module's split state); keyword arguments are closed over (static
+    values, or traced arrays that ``closure_convert`` lifts)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    return recompute_in_backward(lambda st, *a: getattr(nnx.merge(graphdef, st), method)(*a, **static_kwargs),
+                                 state, *args)

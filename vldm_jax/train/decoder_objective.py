@@ -383,9 +383,10 @@ def build_decoder_setup(config) -> Setup:
     if opts.perceptual_weight:
         raise ConfigError("objective decoder: no perceptual network in vldm_jax (LPIPS' VGG16 is not bundled); "
                           "set objective.options.perceptual_weight=0")
-    if m.remat != "none":
-        raise ConfigError(f"objective decoder: the temporal VAE has no rematerialisation; set model.remat=none "
-                          f"(got {m.remat!r})")
+    if m.remat not in ("none", "full"):
+        raise ConfigError(f"objective decoder: model.remat is none or full for the temporal VAE (full recomputes "
+                          f"each spatio-temporal residual block in the backward pass), got {m.remat!r}")
+    remat = m.remat == "full"
     if not o.encode_in_step:
         raise ConfigError("objective decoder encodes the clips in the step (batches carry video); "
                           "objective.encode_in_step=false is not supported")
@@ -410,6 +411,7 @@ def build_decoder_setup(config) -> Setup:
 
     if m.pretrained:
         vae = load_video_vae(m.pretrained, dtype=dtype, seed=seed)
+        vae.decoder.set_remat(remat)
         return Setup(objective, lambda: DecoderFinetuneModels(vae, discriminator(nnx.Rngs(seed + 1))),
                      traceable=False)
 
@@ -422,6 +424,7 @@ def build_decoder_setup(config) -> Setup:
         rngs = nnx.Rngs(seed)
         vae = AutoencoderKLTemporalDecoder(vae_config, rngs=rngs, dtype=dtype)
         vae.decoder.init_temporal_as_identity()
+        vae.decoder.set_remat(remat)
         return DecoderFinetuneModels(vae, discriminator(rngs))
 
     return Setup(objective, init_models, traceable=True)
