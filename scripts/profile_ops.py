@@ -87,6 +87,7 @@ def main():
     p.add_argument("--item", choices=("forward", "train", "decode"), default="forward")
     p.add_argument("--config", default="medium")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--remat", default="full", help="our training step's model.remat (the benchmark's default)")
     a = p.parse_args()
     import diffusers
     import jax
@@ -126,6 +127,7 @@ def main():
                               jnp.asarray(x), jnp.asarray(ctx), jnp.asarray(ids))
                 theirs = lambda: ref(tx, torch.tensor(500.0), tctx, tids).sample
             else:
+                model.set_remat(a.remat)
                 step, trainable, opt_state, frozen = bm.temporal_train_step(model)
                 target = bm._randn(rng, x.shape[:-1] + (ref.config.out_channels,))
                 compiled = jax.jit(step).lower(trainable, opt_state, frozen, x, ctx, ids, target).compile()
