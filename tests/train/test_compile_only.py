@@ -33,18 +33,16 @@ def micro_config(*overrides):
     return load_config(data=MICRO, overrides=list(overrides))
 
 
-def test_compile_only_lowers_the_trainers_step():
-    """The trainer's path (init_state: real arrays; compile_step) and the compile-only path (abstract arrays) give
-    the same lowered program."""
+def lower_both_ways(config):
+    """``(built, state)``: the compile-only path's step (abstract arrays), after asserting that the trainer's path
+    (init_state: real arrays; compile_step) lowers to the same program text; ``state`` is the trainer's."""
     from vldm_jax.parallel import mesh as meshlib
     from vldm_jax.train import state as statelib
     from vldm_jax.train.loop import compile_step, in_mesh, init_state
     from vldm_jax.train.objectives import build_setup
 
-    config = micro_config()
     built = compile_only.lower_train_step(config)
     abstract_text = built.lower().as_text()
-
     setup = build_setup(config)
     mesh = meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
     tx, schedule = statelib.make_optimizer(config.optim, config.train.steps)
@@ -54,6 +52,13 @@ def test_compile_only_lowers_the_trainers_step():
     step = compile_step(graphdef, setup, config, tx, schedule, mesh, shardings)
     trainer_text = in_mesh(lambda: step.lower(state, meshlib.global_batch(batch, mesh)), mesh)().as_text()
     assert trainer_text == abstract_text
+    return built, state
+
+
+def test_compile_only_lowers_the_trainers_step():
+    """The trainer's path (init_state: real arrays; compile_step) and the compile-only path (abstract arrays) give
+    the same lowered program."""
+    built, state = lower_both_ways(micro_config())
     assert set(built.batch) == {"latents", "encoder_hidden_states", "image_only_indicator"}
     assert built.params["params_trainable"] == sum(x.size for x in jax.tree.leaves(state.trainable))
 

@@ -80,26 +80,11 @@ def test_train_changes_only_temporal_decoder_and_discriminator(tmp_path):
 
 def test_compile_only_lowers_the_decoder_step():
     """The compile-only path (abstract arrays) and the trainer's (real arrays) lower to the same program."""
-    from vldm_jax.parallel import mesh as meshlib
-    from vldm_jax.train import compile_only
-    from vldm_jax.train import state as statelib
-    from vldm_jax.train.loop import compile_step, in_mesh, init_state
+    from tests.train.test_compile_only import lower_both_ways
 
-    config = load_config(CONFIG, SMALL)
-    built = compile_only.lower_train_step(config)
-    abstract_text = built.lower().as_text()
+    built, state = lower_both_ways(load_config(CONFIG, SMALL))
     assert set(built.batch) == {"video"}
     assert built.batch["video"].shape[1:] == (3, 16, 16, 3) and built.batch["video"].dtype == np.uint8
-
-    setup = build_setup(config)
-    mesh = meshlib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    tx, schedule = statelib.make_optimizer(config.optim, config.train.steps)
-    graphdef, state, shardings = init_state(setup, config, mesh, tx,
-                                            setup.objective.trainable_filter(config.model.trainable))
-    batch = {k: np.zeros(v.shape, v.dtype) for k, v in built.batch.items()}
-    step = compile_step(graphdef, setup, config, tx, schedule, mesh, shardings)
-    trainer_text = in_mesh(lambda: step.lower(state, meshlib.global_batch(batch, mesh)), mesh)().as_text()
-    assert trainer_text == abstract_text
     assert built.params["params_trainable"] == sum(x.size for x in jax.tree.leaves(state.trainable))
     assert 0 < built.params["params_trainable"] < built.params["params_total"]
 

@@ -411,11 +411,10 @@ class VideoResBlock(nnx.Module):
     def __call__(self, x, *, num_frames: int, image_only_indicator=None):
         """x: folded frames ``(B*F, H, W, C_in)`` with ``F = num_frames`` -> ``(B*F, H, W, C_out)``."""
         if self.remat:
-            return recompute_module(self, "forward", x, num_frames=num_frames,
-                                    image_only_indicator=image_only_indicator)
-        return self.forward(x, num_frames=num_frames, image_only_indicator=image_only_indicator)
+            return recompute_module(self, lambda blk, x: blk.forward(x, num_frames, image_only_indicator), x)
+        return self.forward(x, num_frames, image_only_indicator)
 
-    def forward(self, x, *, num_frames: int, image_only_indicator=None):
+    def forward(self, x, num_frames: int, image_only_indicator=None):
         h = unfold_frames(self.spatial_res_block(x), num_frames)
         mixed = self.time_mixer(h, self.temporal_res_block(h), image_only_indicator)
         return fold_frames(mixed)

@@ -34,7 +34,7 @@ from vldm_jax.errors import ConfigError, UserError
 from vldm_jax.nn.attention import Transformer2DModel
 from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from vldm_jax.nn.norm import GroupNorm
-from vldm_jax.nn.remat import recompute_in_backward
+from vldm_jax.nn.remat import recompute_module
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
 from vldm_jax.nn.temporal import (
     CONTEXT_CONDITIONINGS,
@@ -243,12 +243,12 @@ class UNetBlock(nnx.Module):
         """Runs ``fn(self, *args)``, rematerialised in the backward pass when ``self.remat`` is set."""
         if not self.remat:
             return fn(self, *args)
+        if self.remat == RECOMPUTE_IN_BACKWARD:
+            return recompute_module(self, fn, *args)
         policy = None if self.remat is True else self.remat
         # Plain jax.checkpoint over the split state: nnx.remat cannot re-enter a module that was merged
         # inside jax.grad (the train step's pattern), it refuses to touch Params of the outer trace.
         graphdef, state = nnx.split(self)
-        if self.remat == RECOMPUTE_IN_BACKWARD:
-            return recompute_in_backward(lambda st, *a: fn(nnx.merge(graphdef, st), *a), state, *args)
         return jax.checkpoint(lambda st, *a: fn(nnx.merge(graphdef, st), *a), policy=policy)(state, *args)
 
     def _run_resnet(self, j, x, temb, extra):

@@ -68,12 +68,12 @@ def recompute_in_backward(fn: Callable, *args):
 
 
 
-def recompute_module(module, method: str, *args, **static_kwargs):
-    """``getattr(module, method)(*args, **static_kwargs)`` recomputed in the backward pass
-    (:func:`recompute_in_backward` over the module's split state); keyword arguments are closed over (static
-    values, or traced arrays that ``closure_convert`` lifts)."""
+
+def recompute_module(module, fn: Callable, *args):
+    """``fn(module, *args)`` recomputed in the backward pass: :func:`recompute_in_backward` over the module's split
+    state (gradients reach its parameters too). Traced values ``fn`` closes over are lifted by ``closure_convert``;
+    static ones (frame counts) stay static."""
     from flax import nnx
 
     graphdef, state = nnx.split(module)
-    return recompute_in_backward(lambda st, *a: getattr(nnx.merge(graphdef, st), method)(*a, **static_kwargs),
-                                 state, *args)
+    return recompute_in_backward(lambda st, *a: fn(nnx.merge(graphdef, st), *a), state, *args)

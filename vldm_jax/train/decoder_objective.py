@@ -45,7 +45,13 @@ from vldm_jax.errors import ConfigError
 from vldm_jax.models.autoencoder import is_temporal_path
 from vldm_jax.models.discriminator import hinge_d_loss, hinge_g_loss
 from vldm_jax.nn.temporal import fold_frames, unfold_frames
-from vldm_jax.train.objectives import ObjectiveDefaults, Setup, parse_options
+from vldm_jax.train.objectives import (
+    ObjectiveDefaults,
+    Setup,
+    exportable_here,
+    parse_options,
+    trained_models_on_host,
+)
 
 TRAINABLE_SETS = ("temporal", "decoder")
 
@@ -254,10 +260,9 @@ class DecoderObjective(ObjectiveDefaults):
         video pipeline (``load_model`` reads it); the discriminator is not kept."""
         from vldm_jax.checkpoints.store import atomic_folder, save_module
 
-        if jax.process_count() > 1 or not all(x.is_fully_addressable for x in jax.tree.leaves(state.trainable)):
-            return None  # a multi-host run's arrays are spread over hosts; its checkpoints hold them
-        params = state.ema if state.ema is not None else state.trainable
-        vae = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen)).vae
+        if not exportable_here(state):
+            return None
+        vae = trained_models_on_host(graphdef, state).vae
         dst = Path(workdir) / "export" / "vae"
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_folder(dst, overwrite=True) as tmp:
@@ -392,12 +397,7 @@ def build_decoder_setup(config) -> Setup:
                           "objective.encode_in_step=false is not supported")
     disc_config = None
     if opts.discriminator:
-        fields = [f.name for f in dataclasses.fields(PatchDiscriminator3DConfig)]
-        unknown = sorted(k for k in opts.discriminator_config if k not in fields)
-        if unknown:
-            raise ConfigError(f"unknown objective.options.discriminator_config key {unknown[0]!r} "
-                              f"(known: {', '.join(fields)})")
-        disc_config = config_from_dict(PatchDiscriminator3DConfig, dict(opts.discriminator_config))
+        disc_config = config_from_dict(PatchDiscriminator3DConfig, dict(opts.discriminator_config), strict=True)
     loss_config = DecoderObjectiveConfig(
         trainable=m.trainable, l1_weight=opts.l1_weight, perceptual_weight=opts.perceptual_weight,
         disc_weight=opts.disc_weight, disc_factor=opts.disc_factor, disc_start=opts.disc_start,

@@ -47,7 +47,7 @@ from flax import nnx
 from vldm_jax.diffusion import schedules
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.temporal import fold_frames
-from vldm_jax.train.objectives import ObjectiveDefaults, Setup, parse_options, to_unit_range
+from vldm_jax.train.objectives import ObjectiveDefaults, Setup, parse_options, to_unit_range, trained_models_on_host
 
 
 def _images(batch) -> jax.Array:
@@ -70,11 +70,6 @@ class _ExportedStage(ObjectiveDefaults):
 
     def exported(self, workdir: Path) -> bool:
         return (workdir / "export").exists()
-
-
-def _merged(graphdef, state):
-    params = state.ema if state.ema is not None else state.trainable
-    return nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen))
 
 
 # ================================================================================================== VAE
@@ -205,7 +200,7 @@ class VAEObjective(_ExportedStage):
         """Writes ``workdir/export/vae`` with ``scaling_factor = 1 / latent std`` measured on ``data``."""
         from vldm_jax.checkpoints.store import atomic_folder, save_module
 
-        vae = _merged(graphdef, state).vae
+        vae = trained_models_on_host(graphdef, state).vae
         dst = Path(workdir) / "export" / "vae"
         dst.parent.mkdir(parents=True, exist_ok=True)
         if self.options.trainable == "decoder":
@@ -384,7 +379,7 @@ class ImageObjective(_ExportedStage):
         tokenizer, scheduler)."""
         from vldm_jax.pipelines.text_to_image import TextToImagePipeline
 
-        models = _merged(graphdef, state)
+        models = trained_models_on_host(graphdef, state)
         pipe = TextToImagePipeline(models.unet, models.vae, models.text_encoder, self.tokenizer,
                                    dict(self.scheduler_config))
         dst = Path(workdir) / "export" / "pipeline"

@@ -96,18 +96,27 @@ class ObjectiveDefaults:
         return True
 
 
+def exportable_here(state) -> bool:
+    """Whether this process holds the whole trained state, so it can write an export (a multi-host run's arrays are
+    spread over hosts; its checkpoints hold them)."""
+    return jax.process_count() == 1 and all(x.is_fully_addressable for x in jax.tree.leaves(state.trainable))
+
+
+def trained_models_on_host(graphdef, state):
+    """The trained models on the host, with the EMA weights when the run keeps them: what an export writes."""
+    params = state.ema if state.ema is not None else state.trainable
+    return nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen))
+
+
 def export_temporal(graphdef, state, workdir: Path, say: Callable[[str], None]) -> Path | None:
     """Writes the trained temporal layers (EMA when kept) as ``workdir/temporal.safetensors``: with any compatible
     image model they make a video model (``vldm convert SRC DST --temporal FILE``). With a trained text encoder
     (``objective.train_text_encoder``) also ``workdir/text_encoder``, which the next stages and the pipeline need."""
     from vldm_jax.models.unet import VideoUNet
 
-    if jax.process_count() > 1 or not all(x.is_fully_addressable for x in jax.tree.leaves(state.trainable)):
-        return None  # a multi-host run's arrays are spread over hosts; its checkpoints hold them
-    if jax.process_index() != 0:
+    if not exportable_here(state):
         return None
-    params = state.ema if state.ema is not None else state.trainable
-    models = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.frozen))
+    models = trained_models_on_host(graphdef, state)
     unet = getattr(models, "unet", None)
     if not isinstance(unet, VideoUNet):
         return None
@@ -115,7 +124,7 @@ def export_temporal(graphdef, state, workdir: Path, say: Callable[[str], None]) 
 
     path = save_temporal(unet, workdir / "temporal.safetensors", overwrite=True)
     say(f"wrote the {'EMA ' if state.ema is not None else ''}temporal layers to {path}")
-    if getattr(models, "text_encoder", None) is not None and "text_encoder" in dict(params):
+    if getattr(models, "text_encoder", None) is not None and "text_encoder" in dict(state.trainable):
         from vldm_jax.checkpoints.store import atomic_folder, save_module
 
         with atomic_folder(workdir / "text_encoder", overwrite=True) as tmp:
