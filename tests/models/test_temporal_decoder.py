@@ -210,3 +210,29 @@ def test_remat_gives_the_same_gradients(model):
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_branches_give_the_same_decode_and_gradients(model):
+    # set_branches(n): the full-resolution per-frame layers run as n independent pieces of frames and the 3D
+    # residual blocks as row pieces with summed GroupNorm statistics (nn/branches.py); outputs and gradients
+    # equal the unsplit decoder's. The tiny model is below the automatic threshold, so the counts are explicit.
+    graphdef, state = nnx.split(model)
+    z = latents(1, 4, hw=4)
+
+    def loss(state, branches):
+        vae = nnx.merge(graphdef, state)
+        vae.decoder.set_branches(branches)
+        out = vae.decode(z)
+        return jnp.mean(out ** 2) + jnp.mean(out[:, :, :3]), out
+
+    def run(state):
+        return [jax.value_and_grad(loss, has_aux=True)(state, b) for b in (1, 2, 4)]
+
+    assert jax.make_jaxpr(lambda s: loss(s, 4))(state).jaxpr.eqns.__len__() > \
+        jax.make_jaxpr(lambda s: loss(s, 1))(state).jaxpr.eqns.__len__()
+    ((v1, out1), g1), *rest = jax.jit(run)(state)
+    for (v, out), g in rest:
+        np.testing.assert_allclose(out, out1, rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(v, v1, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)

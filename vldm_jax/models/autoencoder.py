@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.attention import Attention
+from vldm_jax.nn.branches import MAX_FRAME_BRANCHES, branch_count, map_branches
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.remat import recompute_module
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
@@ -133,6 +134,12 @@ class DiagonalGaussian:
 
 # ------------------------------------------------------------------------------------------------- blocks
 
+def per_sample(fn, h, branches: int | None):
+    """``fn(h)`` for a per-sample layer, computed as independent per-sample pieces where that is faster (the CPU)."""
+    n = branch_count(h.shape[0], branches, cap=MAX_FRAME_BRANCHES, elements=h.size)
+    return map_branches(fn, n, 0, h)
+
+
 def spatial_resnet(groups: int, *, rngs: nnx.Rngs, dtype) -> ResnetFactory:
     """The autoencoder's plain residual block: no timestep embedding, eps 1e-6."""
     return lambda cin, cout: ResnetBlock2D(cin, cout, temb_channels=None, groups=groups, eps=VAE_EPS,
@@ -168,12 +175,17 @@ class UpDecoderBlock2D(nnx.Module):
         self.upsamplers = (nnx.List([Upsample2D(out_channels, rngs=rngs, dtype=dtype)])
                            if add_upsample else None)
 
+    branches: int | None = None  # per-sample pieces computed side by side on the CPU (nn/branches.py); None: auto
+
     def __call__(self, h, **resnet_kwargs):
-        """h: ``(N, H, W, C_in)`` -> ``(N, 2H, 2W, C_out)`` (or ``(N, H, W, C_out)`` without upsampling)."""
+        """h: ``(N, H, W, C_in)`` -> ``(N, 2H, 2W, C_out)`` (or ``(N, H, W, C_out)`` without upsampling).
+
+        Plain 2D residual blocks and the upsampler work per sample, so they run as independent per-sample pieces
+        (:func:`per_sample`); a temporal decoder's blocks split themselves."""
         for resnet in self.resnets:
-            h = resnet(h, **resnet_kwargs)
+            h = per_sample(resnet, h, self.branches) if isinstance(resnet, ResnetBlock2D) else resnet(h, **resnet_kwargs)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
+            h = per_sample(self.upsamplers[0], h, self.branches)
         return h
 
 
@@ -257,8 +269,17 @@ class Decoder(nnx.Module):
             h = block(h, **resnet_kwargs)
         return h
 
+    branches: int | None = None
+
     def head(self, h, **resnet_kwargs):
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
+        return per_sample(lambda h: self.conv_out(jax.nn.silu(self.conv_norm_out(h))), h, self.branches)
+
+    def set_branches(self, branches: int | None) -> None:
+        """How many per-sample (per-frame) pieces the decoder's full-resolution layers run as, side by side
+        (:mod:`vldm_jax.nn.branches`): None chooses by platform and size (split on the CPU only), 1 never splits."""
+        for _, module in nnx.iter_graph(self):
+            if hasattr(type(module), "branches"):
+                module.branches = branches
 
     def __call__(self, z, **resnet_kwargs):
         h = self.conv_in(z)
@@ -414,8 +435,10 @@ class VideoResBlock(nnx.Module):
             return recompute_module(self, lambda blk, x: blk.forward(x, num_frames, image_only_indicator), x)
         return self.forward(x, num_frames, image_only_indicator)
 
+    branches: int | None = None  # per-frame pieces of the 2D block (nn/branches.py); None: automatic
+
     def forward(self, x, num_frames: int, image_only_indicator=None):
-        h = unfold_frames(self.spatial_res_block(x), num_frames)
+        h = unfold_frames(per_sample(self.spatial_res_block, x, self.branches), num_frames)
         mixed = self.time_mixer(h, self.temporal_res_block(h), image_only_indicator)
         return fold_frames(mixed)
 

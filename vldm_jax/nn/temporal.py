@@ -16,6 +16,7 @@ from flax import nnx
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.attention import Attention, FeedForward, Transformer2DModel
+from vldm_jax.nn.branches import MAX_ROW_BRANCHES, branch_count, join, split
 from vldm_jax.nn.embeddings import TimestepEmbedding, frame_index_embedding, relative_frame_embedding
 from vldm_jax.nn.norm import GroupNorm, LayerNorm
 from vldm_jax.nn.resnet import ResnetBlock2D
@@ -61,13 +62,15 @@ TEMPORAL_MATMUL_MIN_CHANNELS = 32
 
 class TemporalConv(nnx.Conv):
     """A ``(k, 1, 1)`` convolution over frames (``(B, F, H, W, C)``, 'same' zero padding of ``k // 2`` frames) as
-    one matmul: the ``k`` frame-shifted copies of the input concatenated on channels, ``(..., k*C) @ (k*C, O)``.
+    one matmul: every frame times the ``k`` kernel slices side by side, ``(..., C) @ (C, k*O)``, then the ``k``
+    outputs shifted by their frame offset and summed (one elementwise pass XLA fuses with the bias).
 
     Same parameters (``kernel`` ``(k, 1, 1, C, O)`` DHWIO, ``bias``) and the same sum as ``nnx.Conv``, in another
-    order. Why: XLA's CPU convolution of this kernel ran 1.5-7x slower than the matmul at the video U-Net's shapes
+    order. Why: XLA's CPU convolution of this kernel ran 1.5-7x slower than a matmul at the video U-Net's shapes
     (8x32x32x96: 55 vs 8 ms forward, 165 vs 75 ms for input and kernel gradients; docs/benchmarks.md, issue 21),
-    and its kernel gradient is canonicalised with transposes of whole activations. Other kernels, strides or
-    narrow inputs take ``nnx.Conv``'s path."""
+    and its kernel gradient is canonicalised with transposes of whole activations. Shifting the outputs instead of
+    concatenating ``k`` shifted inputs saves writing the inputs ``k`` times (the temporal decode, -5 %). Other
+    kernels, strides or narrow inputs take ``nnx.Conv``'s path."""
 
     def __call__(self, x, out_sharding=None):
         k = self.kernel_size[0]
@@ -77,14 +80,15 @@ class TemporalConv(nnx.Conv):
                 or any(s != 1 for s in (self.strides if isinstance(self.strides, tuple) else (self.strides,)))):
             return super().__call__(x, out_sharding=out_sharding)
         dtype = self.dtype or x.dtype
-        kernel = self.kernel[...].astype(dtype).reshape(k * self.in_features, self.out_features)
-        f, p = x.shape[1], k // 2
-        xp = jnp.pad(x.astype(dtype), ((0, 0), (p, k - 1 - p), (0, 0), (0, 0), (0, 0)))
-        shifted = jnp.concatenate([xp[:, i:i + f] for i in range(k)], axis=-1) if k > 1 else xp
-        y = jnp.dot(shifted, kernel, precision=self.precision)
+        o, f, p = self.out_features, x.shape[1], k // 2
+        kernel = self.kernel[...].astype(dtype)[:, 0, 0]  # (k, C, O)
+        y = jnp.dot(x.astype(dtype), jnp.concatenate(list(kernel), axis=-1), precision=self.precision)
+        # Output frame t sums kernel slice i applied to input frame t + i - p (zero outside the video).
+        y = jnp.pad(y, ((0, 0), (p, k - 1 - p), (0, 0), (0, 0), (0, 0)))
+        out = sum(y[:, i:i + f, ..., i * o:(i + 1) * o] for i in range(k))
         if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+            out = out + self.bias[...].astype(dtype)
+        return out
 
 
 def conv3d(cin: int, cout: int, kernel: tuple[int, int, int] = (3, 1, 1), *, rngs: nnx.Rngs,
@@ -119,15 +123,23 @@ class TemporalResnetBlock(nnx.Module):
         self.conv_shortcut = (nnx.Conv(in_channels, out_channels, (1, 1, 1), dtype=dtype, rngs=rngs)
                               if in_channels != out_channels else None)
 
+    branches: int | None = None  # row pieces computed side by side (nn/branches.py); None: automatic
+
     def __call__(self, x, temb=None):
-        """x: ``(B, F, H, W, C)``; temb: ``(B, F, temb_channels)`` or None."""
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        """x: ``(B, F, H, W, C)``; temb: ``(B, F, temb_channels)`` or None.
+
+        Every layer but the GroupNorm statistics works per pixel, so on the CPU the rows are split into
+        independent pieces (:mod:`vldm_jax.nn.branches`) whose statistics are summed."""
+        n = branch_count(x.shape[2], self.branches, cap=MAX_ROW_BRANCHES, elements=x.size)
+        xs = split(x, n, axis=2)
+        hs = [self.conv1(jax.nn.silu(h)) for h in self.norm1.over_pieces(xs)]
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, :, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+            t = self.time_emb_proj(jax.nn.silu(temb))[:, :, None, None, :]
+            hs = [h + t for h in hs]
+        hs = [self.conv2(jax.nn.silu(h)) for h in self.norm2.over_pieces(hs)]
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+            xs = [self.conv_shortcut(x) for x in xs]
+        return join([x + h for x, h in zip(xs, hs)], axis=2)
 
 
 MERGE_STRATEGIES = ("fixed", "learned", "learned_with_images")
