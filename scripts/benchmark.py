@@ -152,6 +152,36 @@ def time_calls(fn, reps: int, warmup: int = 1) -> dict:
     return stats(times)
 
 
+def time_pair(ours, theirs, reps: int, warmup: int = 1, inference: bool = True) -> tuple[dict, dict]:
+    """Times ``ours()`` and ``theirs()`` alternately (ours, theirs, ours, ...), so that a machine whose speed drifts
+    during the run (a shared VM's steal time reached 50 % on the 2-core CI machine) slows both sides alike and the
+    ratio of the medians stays meaningful. ``inference``: PyTorch calls under ``torch.inference_mode``."""
+    import contextlib
+
+    import torch
+
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        for _ in range(warmup):
+            ours()
+            theirs()
+        a, b = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            ours()
+            a.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            theirs()
+            b.append(time.perf_counter() - t0)
+    return {**stats(a), "interleaved": True}, {**stats(b), "interleaved": True}
+
+
+def paired_records(ours, theirs, reps: int, peak: float, flops: float | None = None) -> tuple[dict, dict]:
+    """Our :class:`Jax` call and diffusers' ``theirs`` timed by :func:`time_pair`, as (ours, theirs) records."""
+    jt, tt = time_pair(ours, theirs, reps)
+    flops = flops if flops is not None else ours.flops
+    return ours.record(reps, peak, flops=flops, timing=jt), torch_record(theirs, reps, flops, peak, timing=tt)
+
+
 def rss() -> dict:
     """Current and peak resident memory of this process in MiB (both sides share the process)."""
     out = {}
@@ -211,8 +241,8 @@ class Jax:
 
         return jax.block_until_ready(self.compiled(*self.args))
 
-    def record(self, reps: int, peak: float, flops: float | None = None) -> dict:
-        timing = time_calls(self, reps)
+    def record(self, reps: int, peak: float, flops: float | None = None, timing: dict | None = None) -> dict:
+        timing = timing or time_calls(self, reps)
         flops = flops if flops is not None else self.flops
         rec = {**timing, "lower_s": self.lower_s, "compile_s": self.compile_s, "xla_flops": self.flops,
                "memory": self.memory, **rss()}
@@ -222,11 +252,13 @@ class Jax:
         return rec
 
 
-def torch_record(fn, reps: int, flops: float | None, peak: float) -> dict:
+def torch_record(fn, reps: int, flops: float | None, peak: float, timing: dict | None = None) -> dict:
     import torch
 
-    with torch.inference_mode():
-        rec = {**time_calls(fn, reps), **rss()}
+    if timing is None:
+        with torch.inference_mode():
+            timing = time_calls(fn, reps)
+    rec = {**timing, **rss()}
     if flops:
         rate = flops / rec["median_s"]
         rec.update(gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)
@@ -296,9 +328,8 @@ def bench_video_unet(cfg, folder, reps, peak, rng):
     graphdef, state = nnx.split(model)
     ours = Jax(lambda s, x, t, ctx, ids: nnx.merge(graphdef, s)(x, t, ctx, ids), state, jnp.asarray(x),
                jnp.asarray(t), jnp.asarray(ctx), jnp.asarray(ids))
-    jrec = ours.record(reps, peak)
     tx, tctx, tids = torch.from_numpy(x.transpose(0, 1, 4, 2, 3).copy()), torch.from_numpy(ctx), torch.from_numpy(ids)
-    trec = torch_record(lambda: ref(tx, torch.tensor(500.0), tctx, tids).sample, reps, ours.flops, peak)  # noqa: F821 (del ref below frees it after the run)
+    jrec, trec = paired_records(ours, lambda: ref(tx, torch.tensor(500.0), tctx, tids).sample, reps, peak)  # noqa: F821 (del ref below frees it after the run)
     del ref
     return _pair("video U-Net forward", jrec, trec, f"B={b} F={f} {h}x{w}x{c.in_channels}"), model
 
@@ -373,12 +404,6 @@ def bench_train_step(cfg, folder, model, reps, peak, rng, remat: str = "full"):
         state["tr"], state["opt"], loss = compiled(state["tr"], state["opt"], *args[2:])
         jax.block_until_ready(loss)
 
-    jrec = {**time_calls(run_ours, reps), "compile_s": compile_s, "xla_flops": flops, "remat": remat, **rss()}
-    if memory is not None:
-        jrec["memory"] = memory
-    if flops:
-        rate = flops / jrec["median_s"]
-        jrec.update(flops=flops, gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)
 
     params = []
     for name, prm in ref.named_parameters():
@@ -396,7 +421,14 @@ def bench_train_step(cfg, folder, model, reps, peak, rng, remat: str = "full"):
         loss.backward()
         topt.step()
 
-    trec = {**time_calls(run_torch, reps), **rss()}
+    jt, tt = time_pair(run_ours, run_torch, reps, inference=False)
+    jrec = {**jt, "compile_s": compile_s, "xla_flops": flops, "remat": remat, **rss()}
+    if memory is not None:
+        jrec["memory"] = memory
+    if flops:
+        rate = flops / jrec["median_s"]
+        jrec.update(flops=flops, gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)
+    trec = {**tt, **rss()}
     if flops:
         rate = flops / trec["median_s"]
         trec.update(gflops_per_s=rate / 1e9, fraction_of_matmul_peak=rate / peak)
@@ -430,9 +462,8 @@ def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
     graphdef, state = nnx.split(model)
     fwd = Jax(lambda s, x, t, ctx: nnx.merge(graphdef, s)(x, t, ctx), state, jnp.asarray(x2), jnp.int32(500),
               jnp.asarray(ctx2))
-    jrec = fwd.record(reps, peak)
     tx2, tctx2 = torch.from_numpy(x2.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ctx2)
-    trec = torch_record(lambda: ref(tx2, 500, encoder_hidden_states=tctx2).sample, reps, fwd.flops, peak)  # noqa: F821 (del ref below frees it after the run)
+    jrec, trec = paired_records(fwd, lambda: ref(tx2, 500, encoder_hidden_states=tctx2).sample, reps, peak)  # noqa: F821 (del ref below frees it after the run)
     unet = _pair("image U-Net forward (CFG batch)", jrec, trec, f"B={2 * b} {h}x{w}x{c.in_channels} ctx {seq}")
 
     # The whole 25-step DDIM loop with classifier-free guidance.
@@ -450,7 +481,6 @@ def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
     ours = Jax(loop, state, jnp.asarray(noise), jnp.asarray(cond), jnp.asarray(uncond))
     # XLA counts a while loop's body once; the loop's work is STEPS forwards at the CFG batch.
     loop_flops = STEPS * fwd.flops if fwd.flops else None
-    jloop = ours.record(loop_reps, peak, flops=loop_flops)
     tnoise, tctx = torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ctx2)
 
     def torch_loop():
@@ -463,7 +493,7 @@ def bench_image_unet_and_loop(cfg, folder, reps, loop_reps, peak, rng):
             lat = scheduler.step(u + GUIDANCE * (co - u), t, lat).prev_sample
         return lat
 
-    tloop = torch_record(torch_loop, loop_reps, loop_flops, peak)
+    jloop, tloop = paired_records(ours, torch_loop, loop_reps, peak, flops=loop_flops)
     loop_rec = _pair(f"sampling loop ({STEPS} DDIM steps, CFG)", jloop, tloop, f"B={b} {h}x{w}x{c.in_channels}")
 
     per_step = lambda rec, fw: (rec["median_s"] - STEPS * fw["median_s"]) / STEPS
@@ -524,14 +554,13 @@ def bench_vae(cfg, folder, reps, peak, rng):
         ours = Jax(lambda s, z: nnx.merge(graphdef, s).decode(z, decode_chunk_size=chunk), state, jnp.asarray(z))
         # XLA counts the chunk loop's body once; the work is the same as the whole decode's.
         whole_flops = whole_flops or ours.flops
-        jrec = ours.record(reps, peak, flops=whole_flops)
-        jrec["per_frame_s"] = jrec["median_s"] / f
         if chunk is None:
             fn = lambda: ref.decode(tz, num_frames=f).sample
         else:  # the SVD pipeline's decode_latents loop
             fn = lambda: torch.cat([ref.decode(tz[i:i + k], num_frames=tz[i:i + k].shape[0]).sample
                                     for i in range(0, f, k)])
-        trec = torch_record(fn, reps, whole_flops, peak)
+        jrec, trec = paired_records(ours, fn, reps, peak, flops=whole_flops)
+        jrec["per_frame_s"] = jrec["median_s"] / f
         trec["per_frame_s"] = trec["median_s"] / f
         name = "temporal VAE decode" + ("" if chunk is None else f" (chunks of {k})")
         out.append(_pair(name, jrec, trec, f"F={f} {h}x{w} latents"))
@@ -554,9 +583,8 @@ def bench_clip(cfg, folder, reps, peak, rng):
     ids = rng.integers(0, cfg["clip"]["vocab_size"], (b, seq)).astype(np.int32)
     graphdef, state = nnx.split(model)
     ours = Jax(lambda s, ids: nnx.merge(graphdef, s)(ids).last_hidden_state, state, jnp.asarray(ids))
-    jrec = ours.record(reps, peak)
     tids = torch.from_numpy(ids.astype(np.int64))
-    trec = torch_record(lambda: ref(tids).last_hidden_state, reps, ours.flops, peak)  # noqa: F821 (del ref below frees it after the run)
+    jrec, trec = paired_records(ours, lambda: ref(tids).last_hidden_state, reps, peak)  # noqa: F821 (del ref below frees it after the run)
     return _pair("CLIP text encode", jrec, trec, f"B={b} seq={seq} d={cfg['clip']['hidden_size']}")
 
 
