@@ -193,46 +193,36 @@ def test_registered_family(model):
     assert FAMILIES["AutoencoderKLTemporalDecoder"].config_cls == "AutoencoderKLTemporalDecoderConfig"
 
 
-def test_remat_gives_the_same_gradients(model):
-    # set_remat(True): every spatio-temporal residual block is recomputed in the backward pass (nn/remat.py);
-    # loss and gradients of the decoder's parameters are those without remat.
+def _equal_with_and_without(model, configure, frames):
+    """Loss, output and gradients of the decoder's parameters with ``configure(decoder, True)`` equal those with
+    ``configure(decoder, False)``; returns the two jaxprs of the loss (on, off) for checks of what changed."""
     graphdef, state = nnx.split(model)
-    z = latents(1, 3, hw=4)
+    z = latents(1, frames, hw=4)
 
-    def loss(state, remat):
+    def loss(state, on):
         vae = nnx.merge(graphdef, state)
-        vae.decoder.set_remat(remat)
-        return jnp.mean(vae.decode(z) ** 2)
-
-    assert "custom_vjp" in str(jax.make_jaxpr(lambda s: loss(s, True))(state))
-    (v0, g0), (v1, g1) = jax.jit(lambda s: (jax.value_and_grad(loss)(s, False),
-                                            jax.value_and_grad(loss)(s, True)))(state)
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
-
-
-def test_branches_give_the_same_decode_and_gradients(model):
-    # set_branches(n): the full-resolution per-frame layers run as n independent pieces of frames and the 3D
-    # residual blocks as row pieces with summed GroupNorm statistics (nn/branches.py); outputs and gradients
-    # equal the unsplit decoder's. The tiny model is below the automatic threshold, so the counts are explicit.
-    graphdef, state = nnx.split(model)
-    z = latents(1, 4, hw=4)
-
-    def loss(state, branches):
-        vae = nnx.merge(graphdef, state)
-        vae.decoder.set_branches(branches)
+        configure(vae.decoder, on)
         out = vae.decode(z)
         return jnp.mean(out ** 2) + jnp.mean(out[:, :, :3]), out
 
-    def run(state):
-        return [jax.value_and_grad(loss, has_aux=True)(state, b) for b in (1, 2, 4)]
+    ((v0, out0), g0), ((v1, out1), g1) = jax.jit(
+        lambda s: [jax.value_and_grad(loss, has_aux=True)(s, on) for on in (False, True)])(state)
+    np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+    return [jax.make_jaxpr(lambda s: loss(s, on))(state).jaxpr for on in (True, False)]
 
-    assert jax.make_jaxpr(lambda s: loss(s, 4))(state).jaxpr.eqns.__len__() > \
-        jax.make_jaxpr(lambda s: loss(s, 1))(state).jaxpr.eqns.__len__()
-    ((v1, out1), g1), *rest = jax.jit(run)(state)
-    for (v, out), g in rest:
-        np.testing.assert_allclose(out, out1, rtol=1e-5, atol=2e-6)
-        np.testing.assert_allclose(v, v1, rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g)):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+
+def test_remat_gives_the_same_gradients(model):
+    # set_remat(True): every spatio-temporal residual block is recomputed in the backward pass (nn/remat.py).
+    on, off = _equal_with_and_without(model, lambda dec, on: dec.set_remat(on), frames=3)
+    assert "custom_vjp" in str(on) and "custom_vjp" not in str(off)
+
+
+def test_branches_give_the_same_decode_and_gradients(model):
+    # set_branches(4): the full-resolution per-frame layers run as 4 independent pieces of frames and the 3D
+    # residual blocks as row pieces with summed GroupNorm statistics (nn/branches.py). The tiny model is below
+    # the automatic threshold (1 piece), so the count is explicit.
+    on, off = _equal_with_and_without(model, lambda dec, on: dec.set_branches(4 if on else 1), frames=4)
+    assert len(on.eqns) > len(off.eqns)  # the pieces are separate operations
