@@ -63,6 +63,7 @@ def test_temporal_resnet_block_over_rows_equals_whole():
         return outs
 
     (v1, g1), *rest = both(state, x, temb)
+    assert len(rest) == 2
     for v, g in rest:
         np.testing.assert_allclose(v, v1, rtol=1e-5)
         np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-5)

@@ -26,7 +26,8 @@ from vldm_jax.models.roles import (  # noqa: E402
     temporal_only,
 )
 from vldm_jax.models.unet import REMAT_POLICIES, TemporalConfig, UNet2DConditionConfig, VideoUNet, VideoUNetConfig  # noqa: E402
-from vldm_jax.nn.temporal import TemporalBasicTransformerBlock  # noqa: E402
+from vldm_jax.nn.branches import set_branches  # noqa: E402
+from vldm_jax.nn.temporal import TemporalBasicTransformerBlock, TemporalResnetBlock  # noqa: E402
 
 # No mid block: each layer costs compile time, and the SVD parity test covers the video mid block.
 IMAGE = dict(
@@ -283,6 +284,28 @@ def test_remat_policies_match(setup):
         np.testing.assert_allclose(v1, v0, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_set_branches_reaches_every_3d_block_and_keeps_the_output(setup):
+    # VideoUNet.set_branches(n): every 3D residual block runs as n row pieces (nn/branches.py); same outputs.
+    model = nnx.merge(setup.graphdef, _perturbed(setup.state, seed=7))
+    model.set_branches(2)
+    blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, TemporalResnetBlock)]
+    assert blocks and all(b.branches == 2 for b in blocks)
+    f = 3
+    x = jax.random.normal(jax.random.key(0), (2 * f, 4, 4, 32))
+    emb = jax.random.normal(jax.random.key(1), (2 * f, 128))
+    ctx = jax.random.normal(jax.random.key(2), (2 * f, S, 16))
+    extra = dict(num_frames=f, image_only_indicator=jnp.zeros((2, f)))
+    graphdef, state = nnx.split(model.down_blocks[0])
+
+    def out(state, n):
+        blk = nnx.merge(graphdef, state)
+        set_branches(blk, n)
+        return blk(x, emb, ctx, **extra)[0]
+
+    one, two = jax.jit(lambda s: (out(s, 1), out(s, 2)), compiler_options=FAST_COMPILE)(state)
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
 
 
 def test_remat_policy_from_config():

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.attention import Attention
-from vldm_jax.nn.branches import MAX_FRAME_BRANCHES, branch_count, map_branches
+from vldm_jax.nn.branches import MAX_FRAME_BRANCHES, branch_count, map_branches, set_branches
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.remat import recompute_module
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
@@ -277,9 +277,7 @@ class Decoder(nnx.Module):
     def set_branches(self, branches: int | None) -> None:
         """How many per-sample (per-frame) pieces the decoder's full-resolution layers run as, side by side
         (:mod:`vldm_jax.nn.branches`): None chooses by platform and size (split on the CPU only), 1 never splits."""
-        for _, module in nnx.iter_graph(self):
-            if hasattr(type(module), "branches"):
-                module.branches = branches
+        set_branches(self, branches)
 
     def __call__(self, z, **resnet_kwargs):
         h = self.conv_in(z)

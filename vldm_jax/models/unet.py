@@ -32,6 +32,7 @@ from flax import nnx
 
 from vldm_jax.errors import ConfigError, UserError
 from vldm_jax.nn.attention import Transformer2DModel
+from vldm_jax.nn.branches import set_branches
 from vldm_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.remat import recompute_module
@@ -477,6 +478,11 @@ class UNet2DConditionModel(nnx.Module):
         for _, module in nnx.iter_graph(self):
             if isinstance(module, UNetBlock):
                 module.remat = remat
+
+    def set_branches(self, branches: int | None) -> None:
+        """How many row pieces each 3D residual block runs as, side by side (:mod:`vldm_jax.nn.branches`): None
+        chooses by platform and size (split on the CPU only), 1 never splits."""
+        set_branches(self, branches)
 
     def time_embed(self, timestep, n: int):
         """Timestep (scalar or ``(n,)``) -> embedding ``(n, time_embed_dim)`` in the compute dtype."""

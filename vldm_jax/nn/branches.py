@@ -66,3 +66,12 @@ def map_branches(fn: Callable[..., jax.Array], n: int, axis: int, *arrays: jax.A
         return fn(*arrays)
     pieces = [split(a, n, axis) for a in arrays]
     return join([fn(*args) for args in zip(*pieces)], axis)
+
+
+def set_branches(module, branches: int | None) -> None:
+    """Sets ``branches`` on every layer of ``module`` that splits itself (None: automatic, 1: never split)."""
+    from flax import nnx
+
+    for _, layer in nnx.iter_graph(module):
+        if hasattr(type(layer), "branches"):
+            layer.branches = branches
