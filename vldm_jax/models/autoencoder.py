@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.attention import Attention
-from vldm_jax.nn.branches import MAX_FRAME_BRANCHES, branch_count, map_branches, set_branches
+from vldm_jax.nn.branches import per_sample, set_branches
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.nn.remat import recompute_module
 from vldm_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
@@ -133,12 +133,6 @@ class DiagonalGaussian:
 
 
 # ------------------------------------------------------------------------------------------------- blocks
-
-def per_sample(fn, h, branches: int | None):
-    """``fn(h)`` for a per-sample layer, computed as independent per-sample pieces where that is faster (the CPU)."""
-    n = branch_count(h.shape[0], branches, cap=MAX_FRAME_BRANCHES, elements=h.size)
-    return map_branches(fn, n, 0, h)
-
 
 def spatial_resnet(groups: int, *, rngs: nnx.Rngs, dtype) -> ResnetFactory:
     """The autoencoder's plain residual block: no timestep embedding, eps 1e-6."""

@@ -6,7 +6,7 @@ elementwise and reduction kernels (GroupNorm, SiLU, residual adds, resampling) r
 others wait, and every activation of a whole video at the temporal VAE decoder's full resolution is far
 larger than the caches. Computed as ``n`` pieces with no data between them (frames for a per-frame layer,
 rows for a per-pixel one), the runtime runs the pieces concurrently and each piece's intermediates stay
-small: the whole 8-frame medium decode took 0.73x the time split this way (docs/benchmarks.md, issue 21).
+small: the whole 8-frame medium decode took 0.63-0.76x the time split this way (docs/benchmarks.md, issue 21).
 
 On a GPU or TPU, or with activations sharded over a mesh, a split only adds launches and copies, so the
 automatic choice (``requested=None``) is 1 there; an explicit count is always honoured (tests, benchmarks).
@@ -62,10 +62,15 @@ def join(parts: Sequence[jax.Array], axis: int) -> jax.Array:
 def map_branches(fn: Callable[..., jax.Array], n: int, axis: int, *arrays: jax.Array) -> jax.Array:
     """``fn(*arrays)`` computed as ``n`` pieces along ``axis`` of every array, joined on that axis. ``fn`` must treat
     the items along ``axis`` independently (a per-frame layer over folded frames, say)."""
-    if n == 1:
-        return fn(*arrays)
     pieces = [split(a, n, axis) for a in arrays]
     return join([fn(*args) for args in zip(*pieces)], axis)
+
+
+def per_sample(fn: Callable[[jax.Array], jax.Array], x: jax.Array, branches: int | None) -> jax.Array:
+    """``fn(x)`` for a per-sample layer (folded frames, say), as at most :data:`MAX_FRAME_BRANCHES` independent pieces
+    of samples where that is faster (automatic: the CPU) or ``branches`` pieces when given."""
+    n = branch_count(x.shape[0], branches, cap=MAX_FRAME_BRANCHES, elements=x.size)
+    return map_branches(fn, n, 0, x)
 
 
 def set_branches(module, branches: int | None) -> None:
