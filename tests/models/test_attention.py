@@ -28,6 +28,27 @@ def test_chunked_equals_xla_forward_and_grad(chunk):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_chunked_gradient_keeps_no_score_matrix():
+    # The hand-written backward keeps q, k, v, the output and the log-sum-exp, and rebuilds one block of
+    # probabilities at a time: XLA's temporary memory for the gradient stays far below the (B, N, T, S) scores
+    # that differentiating the lax.map would stack (twice).
+    b, t, n, h = 1, 1024, 2, 16
+    q, k, v = _qkv(b, t, t, n, h)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(A.chunked_attention(*a, chunk=64) ** 2), argnums=(0, 1, 2)))
+    temp = grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    scores = b * n * t * t * 4
+    assert temp < scores / 2, (temp, scores)
+
+
+def test_chunked_gradient_in_bfloat16():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(1, 64, 48, 2, 8))
+    g = jax.grad(lambda *a: jnp.sum(A.chunked_attention(*a, chunk=16).astype(jnp.float32)), argnums=(0, 1, 2))
+    g32 = jax.grad(lambda *a: jnp.sum(A.chunked_attention(*a, chunk=16)), argnums=(0, 1, 2))
+    for a, b in zip(g(q, k, v), g32(*(x.astype(jnp.float32) for x in (q, k, v)))):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=3e-2, rtol=3e-2)
+
+
 def test_chunk_must_divide():
     q, k, v = _qkv(1, 30, 30, 1, 4)
     with pytest.raises(ValueError, match="does not divide"):
