@@ -275,7 +275,7 @@ def test_remat_policies_match(setup):
     assert "remat" in str(jax.make_jaxpr(lambda s: loss(s, True))(state))
     # "full" recomputes inside the backward pass (custom_vjp, nn/remat.py); "checkpoint" (jax.checkpoint) goes
     # through the same hook as in the image U-Net's remat test; here "full" and a policy variant.
-    assert "custom_vjp" in str(jax.make_jaxpr(lambda s: loss(s, REMAT_POLICIES["full"]))(state))
+    assert "name=_recomputed" in str(jax.make_jaxpr(lambda s: loss(s, REMAT_POLICIES["full"]))(state))
     names = ("none", "dots_saveable", "full")
     results = jax.jit(lambda s: [jax.value_and_grad(loss)(s, REMAT_POLICIES[n]) for n in names],
                       compiler_options=FAST_COMPILE)(state)
@@ -392,18 +392,20 @@ def test_temporal_context_length_is_checked_and_stored(setup, tmp_path):
     assert load_temporal(setup.image, tmp_path / "t.safetensors").config.temporal_context_length == 2
 
 
-def test_temporal_conv_is_the_convolution():
-    """The (3, 1, 1) temporal convolution computed as one matmul over frame-shifted inputs gives nnx.Conv's
-    outputs and gradients (same kernel and bias), with the 'same' zero padding at both ends of the clip."""
+@pytest.mark.parametrize("k,frames", [(3, 5), (5, 4), (3, 1)])
+def test_temporal_conv_is_the_convolution(k, frames):
+    """The (k, 1, 1) temporal convolution computed as one matmul and a shifted sum, with its hand-written
+    backward, gives nnx.Conv's outputs and gradients (same kernel and bias), with the 'same' zero padding at
+    both ends of the clip (a kernel wider than the clip, a one-frame clip)."""
     from vldm_jax.nn.temporal import TemporalConv, conv3d
 
-    layer = conv3d(32, 48, (3, 1, 1), rngs=nnx.Rngs(0))
+    layer = conv3d(32, 48, (k, 1, 1), rngs=nnx.Rngs(0))
     assert isinstance(layer, TemporalConv)
-    conv = nnx.Conv(32, 48, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), rngs=nnx.Rngs(1))
+    conv = nnx.Conv(32, 48, (k, 1, 1), padding=((k // 2, k // 2), (0, 0), (0, 0)), rngs=nnx.Rngs(1))
     conv.kernel.set_value(layer.kernel[...])
     conv.bias.set_value(jax.random.normal(jax.random.key(2), (48,)))
     layer.bias.set_value(conv.bias[...])
-    x = jax.random.normal(jax.random.key(3), (2, 5, 3, 2, 32))
+    x = jax.random.normal(jax.random.key(3), (2, frames, 3, 2, 32))
     np.testing.assert_allclose(layer(x), conv(x), atol=1e-5)
 
     def grads(module):
@@ -413,5 +415,6 @@ def test_temporal_conv_is_the_convolution():
     (gs_ours, gx_ours), (gs_ref, gx_ref) = grads(layer), grads(conv)
     np.testing.assert_allclose(gx_ours, gx_ref, atol=1e-4)
     np.testing.assert_allclose(gs_ours["kernel"][...], gs_ref["kernel"][...], atol=1e-4)
+    np.testing.assert_allclose(gs_ours["bias"][...], gs_ref["bias"][...], atol=1e-4)
     narrow = conv3d(3, 3, (3, 1, 1), rngs=nnx.Rngs(0))  # below TEMPORAL_MATMUL_MIN_CHANNELS: XLA's convolution
-    assert narrow(x[..., :3]).shape == (2, 5, 3, 2, 3)
+    assert narrow(x[..., :3]).shape == (2, frames, 3, 2, 3)
