@@ -143,14 +143,15 @@ def chunked_attention(q, k, v, *, scale: float | None = None, chunk: int | None 
 
 
 def _chunks(x, chunk):
-    """``(B, N, T, H)`` -> ``(T // chunk, B, N, chunk, H)``."""
-    b, n, t, h = x.shape
-    return jnp.moveaxis(x.reshape(b, n, t // chunk, chunk, h), 2, 0)
+    """``(B, N, T, ...)`` -> ``(T // chunk, B, N, chunk, ...)``: query blocks first, for a ``lax.map``/``scan``."""
+    b, n, t = x.shape[:3]
+    return jnp.moveaxis(x.reshape(b, n, t // chunk, chunk, *x.shape[3:]), 2, 0)
 
 
 def _unchunk(x):
-    c, b, n, k, h = x.shape
-    return jnp.moveaxis(x, 0, 2).reshape(b, n, c * k, h)
+    """The inverse of :func:`_chunks`."""
+    c, b, n, k = x.shape[:4]
+    return jnp.moveaxis(x, 0, 2).reshape(b, n, c * k, *x.shape[4:])
 
 
 def _flash_forward(q, k, v, scale, chunk):
@@ -168,7 +169,7 @@ def _flash_forward(q, k, v, scale, chunk):
         return o.astype(q.dtype), (m + jnp.log(denom))[..., 0]
 
     o, lse = jax.lax.map(one, qs)
-    return _unchunk(o), jnp.moveaxis(lse, 0, 2).reshape(q.shape[:3])
+    return _unchunk(o), _unchunk(lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -187,10 +188,8 @@ def _flash_fwd(q, k, v, scale, chunk):
 def _flash_bwd(scale, chunk, res, do):
     q, k, v, o, lse = res
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # (B, N, T)
-    b, n, t, h = q.shape
     qs, dos = _chunks(q * jnp.asarray(scale, q.dtype), chunk), _chunks(do, chunk)
-    lses = jnp.moveaxis(lse.reshape(b, n, t // chunk, chunk), 2, 0)
-    deltas = jnp.moveaxis(delta.reshape(b, n, t // chunk, chunk), 2, 0)
+    lses, deltas = _chunks(lse, chunk), _chunks(delta, chunk)
     kt, vt = jnp.swapaxes(k, -1, -2), jnp.swapaxes(v, -1, -2)
 
     # dk and dv are accumulated transposed, (B, N, H, S) += (H, chunk) @ (chunk, S): only the small per-block
