@@ -392,7 +392,7 @@ def test_temporal_context_length_is_checked_and_stored(setup, tmp_path):
     assert load_temporal(setup.image, tmp_path / "t.safetensors").config.temporal_context_length == 2
 
 
-@pytest.mark.parametrize("k,frames", [(3, 5), (5, 4), (3, 1)])
+@pytest.mark.parametrize("k,frames", [(3, 5), (5, 4), (3, 1), (5, 1), (5, 2)])
 def test_temporal_conv_is_the_convolution(k, frames):
     """The (k, 1, 1) temporal convolution computed as one matmul and a shifted sum, with its hand-written
     backward, gives nnx.Conv's outputs and gradients (same kernel and bias), with the 'same' zero padding at

@@ -91,11 +91,22 @@ class TemporalConv(nnx.Conv):
 
 def _shifted_sum(y, k: int, frames: int, width: int, sign: int):
     """``out[:, t] = sum_i y[:, t + sign * (i - k // 2), ..., i*width:(i+1)*width]`` (zero outside ``y``'s
-    frames): ``y`` padded once, then ``k`` frame-shifted channel slices summed (one fused elementwise pass)."""
-    shifts = [sign * (i - k // 2) for i in range(k)]
-    lo, hi = max(-min(shifts), 0), max(max(shifts), 0)
-    y = jnp.pad(y, ((0, 0), (lo, hi)) + ((0, 0),) * (y.ndim - 2))
-    return sum(y[:, lo + d:lo + d + frames, ..., i * width:(i + 1) * width] for i, d in enumerate(shifts))
+    frames): each channel slice shifted by its own pad, so that XLA fuses the pads, slices and sum into one
+    elementwise pass. Padding ``y`` once and slicing it made XLA write the padded copy first, a full extra
+    pass over the ``k``-times-wide matmul output (the whole temporal VAE decode 4-7 % slower,
+    docs/benchmarks.md)."""
+    rest = ((0, 0),) * (y.ndim - 2)
+    out = None
+    for i in range(k):
+        d = sign * (i - k // 2)
+        part = y[..., i * width:(i + 1) * width]
+        kept = max(frames - abs(d), 0)  # frames of y that land inside the output (none if |d| >= frames)
+        if d > 0:
+            part = jnp.pad(part[:, d:d + kept], ((0, 0), (0, frames - kept)) + rest)
+        elif d < 0:
+            part = jnp.pad(part[:, :kept], ((0, 0), (frames - kept, 0)) + rest)
+        out = part if out is None else out + part
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
