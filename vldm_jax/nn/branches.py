@@ -1,10 +1,10 @@
 """Independent branches for the CPU: one layer's work split into pieces that XLA runs side by side.
 
-XLA's CPU runtime runs the operations of a program in their data order and gives one operation at a time
-to a worker unless it is a library kernel (YNNPACK's convolutions and matmuls) that splits itself: its
-elementwise and reduction kernels (GroupNorm, SiLU, residual adds, resampling) run on one core while the
-others wait, and every activation of a whole video at the temporal VAE decoder's full resolution is far
-larger than the caches. Computed as ``n`` pieces with no data between them (frames for a per-frame layer,
+XLA's CPU runtime runs the operations of a program in their data order and gives each operation to one
+worker. Its elementwise and reduction kernels (GroupNorm, SiLU, residual adds, resampling) run on one core
+while the others wait. So do YNNPACK's convolutions and matmuls at these models' sizes: only large matmuls
+(2048^3) split over the cores (docs/benchmarks.md, session 12). And every activation of a whole video at the
+temporal VAE decoder's full resolution is far larger than the caches. Computed as ``n`` pieces with no data between them (frames for a per-frame layer,
 rows for a per-pixel one), the runtime runs the pieces concurrently and each piece's intermediates stay
 small: the whole 8-frame medium decode took 0.63-0.76x the time split this way (docs/benchmarks.md, issue 21).
 
