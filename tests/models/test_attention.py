@@ -28,6 +28,21 @@ def test_chunked_equals_xla_forward_and_grad(chunk):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_automatic_chunks_use_a_larger_backward_block():
+    # Chosen automatically, the backward pass's query blocks are at least BACKWARD_MIN_CHUNK queries (doubling
+    # the forward's while it divides the queries); an explicit chunk is used by both passes. Gradients stay exact.
+    assert A._backward_chunk(32, 1024) == 128 and A._backward_chunk(256, 1024) == 256
+    assert A._backward_chunk(48, 96) == 96 and A._backward_chunk(40, 120) == 40  # 80 does not divide 120
+    b, t, n, h = 1, 1024, 16, 8
+    assert A._query_chunk(b, t, t, n, h) == 64  # so the backward runs 128-query blocks
+    q, k, v = _qkv(b, t, t, n, h)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    g_ref = jax.grad(lambda *a: jnp.sum(w * jax.nn.dot_product_attention(*a)), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(lambda *a: jnp.sum(w * A.chunked_attention(*a)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_chunked_gradient_keeps_no_score_matrix():
     # The hand-written backward keeps q, k, v, the output and the log-sum-exp, and rebuilds one block of
     # probabilities at a time: XLA's temporary memory for the gradient stays far below the (B, N, T, S) scores

@@ -50,6 +50,12 @@ CHUNK_SCORE_ELEMENTS = 2 ** 21
 CHUNK_SCORE_ELEMENTS_NARROW = 2 ** 20
 # At most this many score elements in one block: below it the whole attention is one block.
 CHUNK_MIN_ELEMENTS = 2 ** 22
+# The backward pass's query blocks: at least this many queries (when the block size is chosen automatically).
+# Its per-block dots (dk and dv accumulated over the block's queries) are batched over B * heads and run at
+# a fraction of the forward's speed at 32-64 queries: gradient of (16, 1024, 8, 32) attention 682 -> 522 ms
+# going from 32 to 128 queries, (8, 1024, 4, 64) 257 -> 186 ms from 64 to 128, (16, 1024, 2, 32) 137 -> 111 ms;
+# (8, 1024, 1, 64) stays at its forward's 256 (46 ms; 512: 53 ms). docs/benchmarks.md, session 12.
+BACKWARD_MIN_CHUNK = 128
 
 
 def set_attention_implementation(name: str | None) -> None:
@@ -133,13 +139,24 @@ def chunked_attention(q, k, v, *, scale: float | None = None, chunk: int | None 
     memory 1337 -> 669 MiB."""
     b, t, n, h = q.shape
     scale = h ** -0.5 if scale is None else scale
-    chunk = chunk or _query_chunk(b, t, k.shape[1], n, h)
+    backward_chunk = chunk
+    if chunk is None:
+        chunk = _query_chunk(b, t, k.shape[1], n, h)
+        backward_chunk = _backward_chunk(chunk, t) if chunk is not None else None
     if chunk is None or chunk >= t:
         return _attend(q, k, v, scale)
     if t % chunk:
         raise ValueError(f"chunk {chunk} does not divide {t} queries")
     qh, kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (q, k, v))
-    return jnp.transpose(_flash(qh, kh, vh, scale, chunk), (0, 2, 1, 3))
+    return jnp.transpose(_flash(qh, kh, vh, scale, (chunk, backward_chunk)), (0, 2, 1, 3))
+
+
+def _backward_chunk(chunk: int, t: int) -> int:
+    """The backward pass's query block for an automatic forward block ``chunk``: doubled while below
+    :data:`BACKWARD_MIN_CHUNK` and still dividing ``t``."""
+    while chunk < BACKWARD_MIN_CHUNK and t % (2 * chunk) == 0:
+        chunk *= 2
+    return chunk
 
 
 def _chunks(x, chunk):
@@ -173,19 +190,20 @@ def _flash_forward(q, k, v, scale, chunk):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash(q, k, v, scale, chunk):
+def _flash(q, k, v, scale, chunks):
     """Query-chunked attention (heads-major) with flash attention's backward: residuals are q, k, v, the output
     and the log-sum-exp; per query block the backward rebuilds ``p = exp(s - lse)`` and accumulates dk, dv in
-    a ``lax.scan`` (``ds = p * (dp - rowsum(do * o))``)."""
-    return _flash_forward(q, k, v, scale, chunk)[0]
+    a ``lax.scan`` (``ds = p * (dp - rowsum(do * o))``). ``chunks``: the (forward, backward) query blocks."""
+    return _flash_forward(q, k, v, scale, chunks[0])[0]
 
 
-def _flash_fwd(q, k, v, scale, chunk):
-    o, lse = _flash_forward(q, k, v, scale, chunk)
+def _flash_fwd(q, k, v, scale, chunks):
+    o, lse = _flash_forward(q, k, v, scale, chunks[0])
     return o, (q, k, v, o, lse)
 
 
-def _flash_bwd(scale, chunk, res, do):
+def _flash_bwd(scale, chunks, res, do):
+    chunk = chunks[1]
     q, k, v, o, lse = res
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # (B, N, T)
     qs, dos = _chunks(q * jnp.asarray(scale, q.dtype), chunk), _chunks(do, chunk)
