@@ -139,16 +139,15 @@ def chunked_attention(q, k, v, *, scale: float | None = None, chunk: int | None 
     memory 1337 -> 669 MiB."""
     b, t, n, h = q.shape
     scale = h ** -0.5 if scale is None else scale
-    backward_chunk = chunk
-    if chunk is None:
-        chunk = _query_chunk(b, t, k.shape[1], n, h)
-        backward_chunk = _backward_chunk(chunk, t) if chunk is not None else None
+    automatic = chunk is None
+    chunk = chunk or _query_chunk(b, t, k.shape[1], n, h)
     if chunk is None or chunk >= t:
         return _attend(q, k, v, scale)
     if t % chunk:
         raise ValueError(f"chunk {chunk} does not divide {t} queries")
+    chunks = (chunk, _backward_chunk(chunk, t) if automatic else chunk)  # an explicit chunk drives both passes
     qh, kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (q, k, v))
-    return jnp.transpose(_flash(qh, kh, vh, scale, (chunk, backward_chunk)), (0, 2, 1, 3))
+    return jnp.transpose(_flash(qh, kh, vh, scale, chunks), (0, 2, 1, 3))
 
 
 def _backward_chunk(chunk: int, t: int) -> int:

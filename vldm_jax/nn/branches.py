@@ -4,9 +4,10 @@ XLA's CPU runtime runs the operations of a program in their data order and gives
 worker. Its elementwise and reduction kernels (GroupNorm, SiLU, residual adds, resampling) run on one core
 while the others wait. So do YNNPACK's convolutions and matmuls at these models' sizes: only large matmuls
 (2048^3) split over the cores (docs/benchmarks.md, session 12). And every activation of a whole video at the
-temporal VAE decoder's full resolution is far larger than the caches. Computed as ``n`` pieces with no data between them (frames for a per-frame layer,
-rows for a per-pixel one), the runtime runs the pieces concurrently and each piece's intermediates stay
-small: the whole 8-frame medium decode took 0.63-0.76x the time split this way (docs/benchmarks.md, issue 21).
+temporal VAE decoder's full resolution is far larger than the caches. Computed as ``n`` pieces with no data
+between them (frames for a per-frame layer, rows for a per-pixel one), the runtime runs the pieces
+concurrently and each piece's intermediates stay small: the whole 8-frame medium decode took 0.63-0.76x the
+time split this way (docs/benchmarks.md, issue 21).
 
 On a GPU or TPU, or with activations sharded over a mesh, a split only adds launches and copies, so the
 automatic choice (``requested=None``) is 1 there; an explicit count is always honoured (tests, benchmarks).

@@ -96,17 +96,15 @@ def _shifted_sum(y, k: int, frames: int, width: int, sign: int):
     pass over the ``k``-times-wide matmul output (the whole temporal VAE decode 4-7 % slower,
     docs/benchmarks.md)."""
     rest = ((0, 0),) * (y.ndim - 2)
-    out = None
-    for i in range(k):
+
+    def shifted(i):
         d = sign * (i - k // 2)
-        part = y[..., i * width:(i + 1) * width]
         kept = max(frames - abs(d), 0)  # frames of y that land inside the output (none if |d| >= frames)
-        if d > 0:
-            part = jnp.pad(part[:, d:d + kept], ((0, 0), (0, frames - kept)) + rest)
-        elif d < 0:
-            part = jnp.pad(part[:, :kept], ((0, 0), (frames - kept, 0)) + rest)
-        out = part if out is None else out + part
-    return out
+        part = y[:, max(d, 0):max(d, 0) + kept, ..., i * width:(i + 1) * width]
+        zeros = frames - kept  # before the kept frames for a negative shift, after them for a positive one
+        return jnp.pad(part, ((0, 0), (zeros if d < 0 else 0, zeros if d > 0 else 0)) + rest)
+
+    return sum(shifted(i) for i in range(k))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
