@@ -152,27 +152,37 @@ def time_calls(fn, reps: int, warmup: int = 1) -> dict:
     return stats(times)
 
 
-def time_pair(ours, theirs, reps: int, warmup: int = 1, inference: bool = True) -> tuple[dict, dict]:
+# Untimed calls a side makes right after the other side ran, before its timed call (``--settle``). 0: strict
+# alternation. In one process, each PyTorch training step makes our next step's page faults 2-6x dearer (h32f16:
+# 4.7 s alone, 5.6-6.2 s alternating; diffusers' step unchanged; docs/benchmarks.md, session 13).
+SETTLE = 0
+
+
+def time_pair(ours, theirs, reps: int, warmup: int = 1, inference: bool = True,
+              settle: int | None = None) -> tuple[dict, dict]:
     """Times ``ours()`` and ``theirs()`` alternately (ours, theirs, ours, ...), so that a machine whose speed drifts
     during the run (a shared VM's steal time reached 50 % on the 2-core CI machine) slows both sides alike and the
-    ratio of the medians stays meaningful. ``inference``: PyTorch calls under ``torch.inference_mode``."""
+    ratio of the medians stays meaningful. ``settle`` (default :data:`SETTLE`): untimed calls of each side before
+    each of its timed ones, so that neither side is timed on the state the other left. ``inference``: PyTorch calls
+    under ``torch.inference_mode``."""
     import contextlib
 
     import torch
 
+    settle = SETTLE if settle is None else int(settle)
     with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
             ours()
             theirs()
         a, b = [], []
         for _ in range(reps):
-            t0 = time.perf_counter()
-            ours()
-            a.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            theirs()
-            b.append(time.perf_counter() - t0)
-    return {**stats(a), "interleaved": True}, {**stats(b), "interleaved": True}
+            for fn, times in ((ours, a), (theirs, b)):
+                for _ in range(settle):
+                    fn()
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    return {**stats(a), "interleaved": True, "settle": settle}, {**stats(b), "interleaved": True, "settle": settle}
 
 
 def paired_records(ours, theirs, reps: int, peak: float, flops: float | None = None) -> tuple[dict, dict]:
@@ -853,7 +863,7 @@ def run(sizes=("tiny", "medium"), reps: int = 5, out: str | None = "results.json
         raise UserError(f"unknown benchmark items {sorted(unknown)}; choose from {', '.join(ITEMS)}")
     torch.set_num_threads(os.cpu_count())
     results = {"machine": machine_info(), "load_average_before": load_average(), "reps": reps, "steps": STEPS,
-               "guidance": GUIDANCE, "train_remat": train_remat, "sizes": {}}
+               "guidance": GUIDANCE, "train_remat": train_remat, "settle": SETTLE, "sizes": {}}
     log("matmul peak")
     results["matmul_peak"] = matmul_peak()
     # On a shared CPU the matmul gets whatever share of the cores is free at that moment, so the fastest run
@@ -894,6 +904,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "real-size SD 1.5 U-Net) against safetensors.numpy.load_file and diffusers")
     p.add_argument("--train-remat", default="full", choices=("none", "full", "checkpoint", "dots_saveable"),
                    help="our training step's remat policy (model.remat; default full, the training configs' choice)")
+    p.add_argument("--settle", type=int, default=0, metavar="N",
+                   help="untimed calls of each side before each of its timed ones, so that neither is timed on the "
+                        "state the other left (default 0: strict alternation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -907,6 +920,10 @@ def main(argv=None, prog: str | None = None) -> int:
             raise UserError(f"--threshold must be at least 0 (got {args.threshold})")
         if args.reps < 1:
             raise UserError(f"--reps must be at least 1 (got {args.reps})")
+        if args.settle < 0:
+            raise UserError(f"--settle must be at least 0 (got {args.settle})")
+        global SETTLE
+        SETTLE = args.settle
         # Checked before anything runs: a bad baseline must not cost a whole benchmark run.
         baseline = cli_benchmark.read_results(args.baseline) if args.baseline else None
         if args.results:

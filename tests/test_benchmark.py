@@ -34,14 +34,38 @@ def _check_compiled(side):
 
 
 def test_one_item_json(tmp_path):
-    results = _run(tmp_path, "--only", "clip_text")
+    results = _run(tmp_path, "--only", "clip_text", "--settle", "1")
     assert results["machine"]["cpu_count"] >= 1 and "jax" in results["machine"]["versions"]
+    assert results["settle"] == 1
     assert results["matmul_peak"]["gflops_per_s"] > 0 and len(results["load_average_before"]) == 3
     (item,) = results["sizes"]["tiny"]["items"]
     assert item["name"] == "CLIP text encode" and item["speedup_vs_torch"] > 0
     _check_compiled(item["jax"])
     assert TIMING <= item["torch"].keys() and "fraction_of_matmul_peak" in item["torch"]
+    assert item["jax"]["settle"] == item["torch"]["settle"] == 1 and item["jax"]["interleaved"]
     assert results["sizes"]["tiny"]["scan_proof"] is None
+
+
+def test_settle_counts_untimed_calls():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    calls = []
+    ours, theirs = (lambda: calls.append("o")), (lambda: calls.append("t"))
+    jt, tt = benchmark.time_pair(ours, theirs, reps=2, warmup=1, settle=2)
+    # warm-up o t, then per rep: 2 untimed + 1 timed of ours, then the same of theirs
+    assert "".join(calls) == "ot" + ("ooo" + "ttt") * 2
+    assert jt["n"] == tt["n"] == 2 and jt["settle"] == 2
+    calls.clear()
+    benchmark.time_pair(ours, theirs, reps=2, warmup=0, settle=0)
+    assert "".join(calls) == "otot"
+
+
+def test_bad_settle_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--settle", "-1",
+                           "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--settle must be at least 0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.slow  # compiles every tiny model: about 3 minutes on a busy 2-core CPU
