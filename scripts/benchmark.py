@@ -169,7 +169,7 @@ def time_pair(ours, theirs, reps: int, warmup: int = 1, inference: bool = True,
 
     import torch
 
-    settle = SETTLE if settle is None else int(settle)
+    settle = SETTLE if settle is None else settle
     with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
             ours()

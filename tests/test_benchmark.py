@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -47,9 +48,10 @@ def test_one_item_json(tmp_path):
 
 
 def test_settle_counts_untimed_calls():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
-
+    # Loaded from its file, as the other script tests do (no sys.path change leaks into later tests).
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
     calls = []
     ours, theirs = (lambda: calls.append("o")), (lambda: calls.append("t"))
     jt, tt = benchmark.time_pair(ours, theirs, reps=2, warmup=1, settle=2)
