@@ -33,7 +33,7 @@ def test_automatic_chunks_use_a_larger_backward_block():
     # the forward's while it divides the queries); an explicit chunk is used by both passes. Gradients stay exact.
     assert A._backward_chunk(32, 1024) == 128 and A._backward_chunk(256, 1024) == 256
     assert A._backward_chunk(48, 96) == 96 and A._backward_chunk(40, 120) == 40  # 80 does not divide 120
-    b, t, n, h = 1, 1024, 16, 8
+    b, t, n, h = 1, 512, 32, 8  # below HEAD_MIN_LENGTH: query-chunked
     assert A._query_chunk(b, t, t, n, h) == 64  # so the backward runs 128-query blocks
     q, k, v = _qkv(b, t, t, n, h)
     w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
@@ -103,3 +103,53 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(A, "ATTENTION_IMPLEMENTATION", "xla")
     np.testing.assert_allclose(A.dot_product_attention(q, k, v), out, atol=2e-6)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("shape", [(2, 1024, 3, 8), (1, 1100, 2, 4)])
+def test_long_attention_runs_head_by_head_and_stays_exact(shape, monkeypatch):
+    # At HEAD_MIN_LENGTH queries and keys and two or more heads, the automatic path is _by_heads: one 2D problem
+    # per head, queries in blocks (1100 = 2 blocks of 512 and a ragged 76 with HEAD_BLOCK 512). Values and
+    # gradients equal XLA's attention.
+    b, t, n, h = shape
+    calls = []
+    real = A._by_heads
+    monkeypatch.setattr(A, "_by_heads", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _qkv(b, t, t, n, h)
+    ref = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(A.chunked_attention(q, k, v), ref, atol=2e-6, rtol=1e-5)
+    assert calls
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(ref.shape), jnp.float32)
+    g_ref = jax.grad(lambda *a: jnp.sum(w * jax.nn.dot_product_attention(*a)), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(lambda *a: jnp.sum(w * A.chunked_attention(*a)), argnums=(0, 1, 2))(q, k, v)
+    for a, b_ in zip(g, g_ref):
+        np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-4)
+
+
+def test_head_by_head_only_where_it_is_faster():
+    # One head, or fewer than HEAD_MIN_LENGTH queries or keys: the query-chunked path (measured faster there).
+    seen = []
+    for shape in [(1, 1024, 1, 8), (4, 512, 4, 8)]:
+        q, k, v = _qkv(*shape[:2], shape[1], *shape[2:])
+        jaxpr = str(jax.make_jaxpr(A.chunked_attention)(q, k, v))
+        seen.append("_heads" in jaxpr)
+    q, k, v = _qkv(2, 1024, 1024, 2, 8)
+    assert not any(seen) and "_heads" in str(jax.make_jaxpr(A.chunked_attention)(q, k, v))
+
+
+def test_head_by_head_gradient_in_bfloat16():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(1, 1024, 1024, 2, 8))
+    g = jax.grad(lambda *a: jnp.sum(A.chunked_attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+    g32 = jax.grad(lambda *a: jnp.sum(A.chunked_attention(*a)), argnums=(0, 1, 2))
+    for a, b in zip(g(q, k, v), g32(*(x.astype(jnp.float32) for x in (q, k, v)))):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=5e-2, rtol=5e-2)
+
+
+def test_head_by_head_gradient_keeps_no_score_matrix():
+    # One head's blocks are live at a time: XLA's temporary memory does not grow with the heads' scores.
+    b, t, n, h = 2, 1024, 4, 8
+    q, k, v = _qkv(b, t, t, n, h)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(A.chunked_attention(*a) ** 2), argnums=(0, 1, 2)))
+    temp = grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    scores = b * n * t * t * 4
+    assert temp < scores / 2, (temp, scores)

@@ -56,6 +56,15 @@ CHUNK_MIN_ELEMENTS = 2 ** 22
 # going from 32 to 128 queries, (8, 1024, 4, 64) 257 -> 186 ms from 64 to 128, (16, 1024, 2, 32) 137 -> 111 ms;
 # (8, 1024, 1, 64) stays at its forward's 256 (46 ms; 512: 53 ms). docs/benchmarks.md, session 12.
 BACKWARD_MIN_CHUNK = 128
+# Long self-attention (at least this many queries and keys) over at least two heads runs head by head
+# (:func:`_heads`): one ``lax.map`` step per (batch, head), its queries in blocks of ``HEAD_BLOCK`` written out, so
+# every matmul is a plain 2D one. XLA's CPU matmuls batched over (B, heads) ran at 45-160 GFLOP/s where the same
+# work as 2D matmuls ran at 210-240 (32-wide heads). Forward and backward of (16, 1024, 2, 32): 28 -> 23 ms and
+# 120 -> 64 ms; (2, 4096, 8, 40): 496 -> 232 ms and 963 -> 744 ms; 256-512 queries and a single head stay
+# faster query-chunked (docs/benchmarks.md, session 14).
+HEAD_MIN_LENGTH = 1024
+HEAD_BLOCK = 512
+HEAD_MAX_BLOCKS = 32
 
 
 def set_attention_implementation(name: str | None) -> None:
@@ -130,7 +139,8 @@ def chunked_attention(q, k, v, *, scale: float | None = None, chunk: int | None 
     """Exact attention computed ``chunk`` queries at a time (a ``lax.map``), so the block of scores being
     exponentiated and multiplied stays in cache instead of a ``(B, N, T, S)`` matrix making several trips
     through memory. Keys and values are whole: this is not flash attention's online softmax, and the memory
-    saving is only in the scores (``B * N * chunk * S``). Without ``chunk``, :func:`_query_chunk` picks it.
+    saving is only in the scores (``B * N * chunk * S``). Without ``chunk``, :func:`_query_chunk` picks it, and
+    long self-attention over several heads (no activation mesh) runs head by head instead (:func:`_by_heads`).
 
     Its gradient is written by hand (:func:`_flash`): the forward keeps only the output and each query's
     log-sum-exp, and the backward recomputes one block of probabilities at a time. Differentiating the
@@ -140,6 +150,8 @@ def chunked_attention(q, k, v, *, scale: float | None = None, chunk: int | None 
     b, t, n, h = q.shape
     scale = h ** -0.5 if scale is None else scale
     automatic = chunk is None
+    if automatic and min(t, k.shape[1]) >= HEAD_MIN_LENGTH and b * n >= 2 and current_mesh() is None:
+        return _by_heads(q, k, v, scale)  # under a mesh the folded heads axis would be sharded: query chunks
     chunk = chunk or _query_chunk(b, t, k.shape[1], n, h)
     if chunk is None or chunk >= t:
         return _attend(q, k, v, scale)
@@ -232,6 +244,77 @@ def _flash_bwd(scale, chunks, res, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _by_heads(q, k, v, scale):
+    """:func:`chunked_attention` head by head: ``(B, T, N, H)`` inputs folded to ``(B * N, T, H)``, one
+    ``lax.map`` step per head (:func:`_heads`), queries in blocks of :data:`HEAD_BLOCK` (more for very long
+    sequences, at most :data:`HEAD_MAX_BLOCKS` blocks)."""
+    b, t, n, h = q.shape
+    block = max(HEAD_BLOCK, -(-t // HEAD_MAX_BLOCKS))
+
+    def fold(x):
+        return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * n, x.shape[1], h)
+
+    out = _heads(fold(q), fold(k), fold(v), scale, block)
+    return jnp.transpose(out.reshape(b, n, t, h), (0, 2, 1, 3))
+
+
+def _blocks(t: int, block: int):
+    return [(i, min(i + block, t)) for i in range(0, t, block)]
+
+
+def _head_forward(q, k, v, scale, block):
+    """Per head: ``(T, H)`` queries, ``(S, H)`` keys/values -> output ``(T, H)`` and log-sum-exp ``(T,)``."""
+    q = q * jnp.asarray(scale, q.dtype)
+    kt = k.T
+    outs, lses = [], []
+    for lo, hi in _blocks(q.shape[0], block):
+        s = jnp.matmul(q[lo:hi], kt, preferred_element_type=jnp.float32)
+        m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+        p = jnp.exp(s - m)
+        denom = p.sum(-1, keepdims=True)
+        outs.append((jnp.matmul(p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom).astype(q.dtype))
+        lses.append((m + jnp.log(denom))[:, 0])
+    return jnp.concatenate(outs), jnp.concatenate(lses)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _heads(q, k, v, scale, block):
+    """Attention of ``(G, T, H)`` queries and ``(G, S, H)`` keys/values, one ``lax.map`` step per head ``G``,
+    with flash attention's backward (the same rule as :func:`_flash`, per head and query block; dk and dv are
+    accumulated transposed, so only the small per-block operands are transposed)."""
+    return jax.lax.map(lambda x: _head_forward(*x, scale, block)[0], (q, k, v))
+
+
+def _heads_fwd(q, k, v, scale, block):
+    o, lse = jax.lax.map(lambda x: _head_forward(*x, scale, block), (q, k, v))
+    return o, (q, k, v, o, lse)
+
+
+def _heads_bwd(scale, block, res, do):
+    q, k, v, o, lse = res
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # (G, T)
+
+    def one(x):
+        qi, ki, vi, doi, li, di = x
+        qi = qi * jnp.asarray(scale, qi.dtype)
+        kt, vt = ki.T, vi.T
+        dkt, dvt = jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32)
+        dq = []
+        for lo, hi in _blocks(qi.shape[0], block):
+            qb, dob = qi[lo:hi], doi[lo:hi]
+            p = jnp.exp(jnp.matmul(qb, kt, preferred_element_type=jnp.float32) - li[lo:hi, None])
+            dvt = dvt + jnp.matmul(dob.T, p.astype(do.dtype), preferred_element_type=jnp.float32)
+            ds = p * (jnp.matmul(dob, vt, preferred_element_type=jnp.float32) - di[lo:hi, None])
+            dq.append(jnp.matmul(ds.astype(ki.dtype), ki, preferred_element_type=jnp.float32))
+            dkt = dkt + jnp.matmul(qb.T, ds.astype(qi.dtype), preferred_element_type=jnp.float32)
+        return (jnp.concatenate(dq) * scale).astype(q.dtype), dkt.T.astype(k.dtype), dvt.T.astype(v.dtype)
+
+    return jax.lax.map(one, (q, k, v, do, lse, delta))
+
+
+_heads.defvjp(_heads_fwd, _heads_bwd)
 
 
 def dot_product_attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, upcast: bool = False,
