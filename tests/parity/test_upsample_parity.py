@@ -109,3 +109,20 @@ def test_matches_diffusers(hw, output_size):
     got = np.asarray(ours(jnp.asarray(x.transpose(0, 2, 3, 1)), output_size=output_size))
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_sub_pixel_form_is_the_cpus():
+    # Compiled for an accelerator the upsample stays fused into the 3x3 convolution (memory-bound there); both
+    # forms give the same values.
+    from vldm_jax.parallel.aot import target_platform
+
+    m = Upsample2D(4, 4, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 5, 5, 4)), jnp.float32)
+    cpu = str(jax.make_jaxpr(lambda x: m(x))(x))
+    with target_platform("tpu"):  # a new function: traces are cached per function
+        tpu = str(jax.make_jaxpr(lambda x: m(x))(x))
+        direct = np.asarray(m(x))
+    # CPU: the 2x2 convolution's (N, H + 1, W + 1, 4 * C) output; TPU: the rows repeated before the convolution.
+    assert "f32[1,6,6,16]" in cpu and "f32[1,10,5,4]" not in cpu
+    assert "f32[1,10,5,4]" in tpu and "f32[1,6,6,16]" not in tpu
+    np.testing.assert_allclose(np.asarray(m(x)), direct, rtol=1e-5, atol=1e-5)

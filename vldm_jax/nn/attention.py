@@ -18,7 +18,7 @@ from flax import nnx
 from vldm_jax.errors import ConfigError
 from vldm_jax.nn.norm import GroupNorm, LayerNorm
 from vldm_jax.parallel.activations import current_mesh
-from vldm_jax.parallel.aot import current_platform
+from vldm_jax.parallel.aot import trace_platform
 
 log = logging.getLogger("vldm_jax.attention")
 
@@ -75,19 +75,12 @@ def set_attention_implementation(name: str | None) -> None:
     ATTENTION_IMPLEMENTATION = None if name in (None, "auto") else name
 
 
-def _platform() -> str:
-    """The platform the current trace is compiled for: the activation mesh's devices, the ahead-of-time target
-    (:func:`vldm_jax.parallel.aot.target_platform`), else this host's backend."""
-    mesh = current_mesh()
-    if mesh is not None:
-        return mesh.devices.flat[0].platform
-    return current_platform()
 
 
 def attention_implementation(dtype=jnp.float32) -> str:
     """The implementation a call of ``dtype`` inputs takes now: the switch, or the platform's choice for auto."""
     impl = ATTENTION_IMPLEMENTATION
-    platform = _platform()
+    platform = trace_platform()
     if impl in (None, "auto"):
         if platform == "cpu":
             impl = "chunked"

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vldm_jax.nn.norm import GroupNorm
+from vldm_jax.parallel.aot import trace_platform
 
 
 def conv2d(cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: int | str | None = None,
@@ -84,7 +85,10 @@ class Downsample2D(nnx.Module):
 # per phase, the kernel's rows summed where they read the same input row. Over the input padded by one, the
 # 2-tap window of phase a starts at row i + a; the same holds for columns. One 2x2 convolution with the four
 # phases' kernels side by side (4 * C_out outputs) then gives every output pixel at 16/36 of the FLOPs and never
-# builds the 4x larger upsampled input.
+# builds the 4x larger upsampled input. It is the CPU's form (the whole temporal decode 7-8 % faster there,
+# docs/benchmarks.md, session 14): compiled for a TPU (v5e, 16x64x64x256 bf16) it halves the FLOPs but XLA counts
+# 976 against 573 MB of memory traffic (the 4x wider convolution output and the interleaving pass), and these
+# convolutions are memory-bound on accelerators, so there the upsample stays fused into the 3x3 convolution.
 
 
 def _phase_taps(k: jax.Array, axis: int) -> jax.Array:
@@ -123,8 +127,8 @@ def upsample2x_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
 
 
 class Upsample2D(nnx.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (an exact x2 runs as :func:`upsample2x_conv`, at the input's
-    resolution; other output sizes upsample first, as torch's nearest)."""
+    """Nearest-neighbour x2 then a 3x3 conv. On the CPU an exact x2 runs as :func:`upsample2x_conv`, at the input's
+    resolution; elsewhere, and for other output sizes (torch's nearest), the input is upsampled first."""
 
     def __init__(self, channels: int, out_channels: int | None = None, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.conv = conv2d(channels, out_channels or channels, 3, rngs=rngs, dtype=dtype)
@@ -132,12 +136,14 @@ class Upsample2D(nnx.Module):
     def __call__(self, x, output_size: tuple[int, int] | None = None):
         n, h, w, c = x.shape
         oh, ow = output_size or (2 * h, 2 * w)
-        if (oh, ow) == (2 * h, 2 * w):
+        if (oh, ow) == (2 * h, 2 * w) and trace_platform() == "cpu":
             conv = self.conv
             kernel = conv.kernel[...]
             bias = conv.bias[...] if conv.bias is not None else None
             dtype = conv.dtype or jnp.result_type(x, kernel)
             return upsample2x_conv(x.astype(dtype), kernel, bias, precision=conv.precision)
-        # torch nearest: src = floor(dst * in / out)
-        x = x[:, (jnp.arange(oh) * h) // oh][:, :, (jnp.arange(ow) * w) // ow]
+        if (oh, ow) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:  # torch nearest: src = floor(dst * in / out)
+            x = x[:, (jnp.arange(oh) * h) // oh][:, :, (jnp.arange(ow) * w) // ow]
         return self.conv(x)

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vldm_jax.errors import ConfigError
-from vldm_jax.parallel.activations import activation_mesh
+from vldm_jax.parallel.activations import activation_mesh, current_mesh
 from vldm_jax.parallel.mesh import DEFAULT_RULES, tree_shardings
 
 GiB = 1024 ** 3
@@ -81,6 +81,15 @@ def target_platform(platform: str | None) -> Iterator[str | None]:
 def current_platform() -> str:
     """The platform being compiled for: the one set by :func:`target_platform`, else this host's backend."""
     return _PLATFORM.get() or jax.default_backend()
+
+
+def trace_platform() -> str:
+    """The platform the current trace is compiled for: the activation mesh's devices, else
+    :func:`current_platform`. Layers that pick a formulation per platform ask this."""
+    mesh = current_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return current_platform()
 
 
 # ---------------------------------------------------------------------------------------------- devices
