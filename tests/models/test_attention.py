@@ -14,6 +14,15 @@ def _qkv(b, t, s, n, h, seed=0):
     return tuple(jnp.asarray(rng.standard_normal((b, x, n, h)), jnp.float32) for x in (t, s, s))
 
 
+def _assert_grads_match_xla(attend, q, k, v):
+    """Gradients of ``sum(w * attend(q, k, v))`` (random ``w``) equal those through ``jax.nn.dot_product_attention``."""
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape[:3] + v.shape[3:]), jnp.float32)
+    g_ref = jax.grad(lambda *a: jnp.sum(w * jax.nn.dot_product_attention(*a)), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(lambda *a: jnp.sum(w * attend(*a)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_chunked_equals_xla_forward_and_grad(chunk):
     q, k, v = _qkv(2, 128, 96, 3, 8)
@@ -21,11 +30,7 @@ def test_chunked_equals_xla_forward_and_grad(chunk):
     out = A.chunked_attention(q, k, v, chunk=chunk)
     np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
 
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(ref.shape), jnp.float32)
-    g_ref = jax.grad(lambda *a: jnp.sum(w * jax.nn.dot_product_attention(*a)), argnums=(0, 1, 2))(q, k, v)
-    g = jax.grad(lambda *a: jnp.sum(w * A.chunked_attention(*a, chunk=chunk)), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    _assert_grads_match_xla(lambda *a: A.chunked_attention(*a, chunk=chunk), q, k, v)
 
 
 def test_automatic_chunks_use_a_larger_backward_block():
@@ -36,11 +41,7 @@ def test_automatic_chunks_use_a_larger_backward_block():
     b, t, n, h = 1, 512, 32, 8  # below HEAD_MIN_LENGTH: query-chunked
     assert A._query_chunk(b, t, t, n, h) == 64  # so the backward runs 128-query blocks
     q, k, v = _qkv(b, t, t, n, h)
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
-    g_ref = jax.grad(lambda *a: jnp.sum(w * jax.nn.dot_product_attention(*a)), argnums=(0, 1, 2))(q, k, v)
-    g = jax.grad(lambda *a: jnp.sum(w * A.chunked_attention(*a)), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    _assert_grads_match_xla(A.chunked_attention, q, k, v)
 
 
 def test_chunked_gradient_keeps_no_score_matrix():
@@ -118,11 +119,7 @@ def test_long_attention_runs_head_by_head_and_stays_exact(shape, monkeypatch):
     ref = jax.nn.dot_product_attention(q, k, v)
     np.testing.assert_allclose(A.chunked_attention(q, k, v), ref, atol=2e-6, rtol=1e-5)
     assert calls
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(ref.shape), jnp.float32)
-    g_ref = jax.grad(lambda *a: jnp.sum(w * jax.nn.dot_product_attention(*a)), argnums=(0, 1, 2))(q, k, v)
-    g = jax.grad(lambda *a: jnp.sum(w * A.chunked_attention(*a)), argnums=(0, 1, 2))(q, k, v)
-    for a, b_ in zip(g, g_ref):
-        np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-4)
+    _assert_grads_match_xla(A.chunked_attention, q, k, v)
 
 
 def test_head_by_head_only_where_it_is_faster():
