@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -10,14 +12,43 @@ from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.parallel.aot import trace_platform
 
 
+class PointwiseConv(nnx.Conv):
+    """A 1x1 (or 1x1x1) convolution with stride 1 and no padding, computed as one matmul over the channels.
+
+    The same parameters (``kernel`` ``(1, 1, C, O)`` HWIO or ``(1, 1, 1, C, O)``, ``bias``) and the same sum as
+    ``nnx.Conv``. Why: XLA:CPU's (YNNPACK) convolution without padding runs 2-6x slower than the matmul at these
+    models' shapes (8x128x128, 64 -> 32: 32.6 against 5.3 ms; 16x32x32, 192 -> 64: 6.9 against 2.9 ms;
+    docs/benchmarks.md, session 15), and on accelerators a 1x1 convolution is this matmul anyway. Any other
+    setting (strides, dilation, padding, groups, a mask, an output sharding) takes ``nnx.Conv``'s path."""
+
+    def _pointwise(self) -> bool:
+        ones = lambda v: v is None or all(int(s) == 1 for s in ((v,) if isinstance(v, int) else v))
+        pad = self.padding
+        # 'SAME' pads a 1x1 window by nothing.
+        no_pad = pad in ("VALID", "SAME") or (not isinstance(pad, (str, int)) and all(tuple(p) == (0, 0) for p in pad))
+        return (all(k == 1 for k in self.kernel_size) and no_pad and ones(self.strides)
+                and ones(self.input_dilation) and ones(self.kernel_dilation) and self.feature_group_count == 1
+                and self.mask is None)
+
+    def __call__(self, x, out_sharding=None):
+        if out_sharding is not None or not self._pointwise():
+            return super().__call__(x, out_sharding=out_sharding)
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+        y = jnp.dot(x, kernel.reshape(kernel.shape[-2:]), precision=self.precision)
+        return y if bias is None else y + bias
+
+
 def conv2d(cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: int | str | None = None,
            rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True) -> nnx.Conv:
-    """A PyTorch-style ``Conv2d``: symmetric integer padding (default ``kernel // 2``), HWIO kernel."""
+    """A PyTorch-style ``Conv2d``: symmetric integer padding (default ``kernel // 2``), HWIO kernel. A 1x1 kernel
+    with stride 1 is a :class:`PointwiseConv` (the same layer, computed as a matmul)."""
     if padding is None:
         padding = kernel // 2
     pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=pad, use_bias=use_bias,
-                    dtype=dtype, rngs=rngs)
+    cls = PointwiseConv if kernel == 1 and stride == 1 else nnx.Conv
+    return cls(cin, cout, (kernel, kernel), strides=(stride, stride), padding=pad, use_bias=use_bias,
+               dtype=dtype, rngs=rngs)
 
 
 class ResnetBlock2D(nnx.Module):
@@ -106,6 +137,39 @@ def subpixel_kernel(kernel: jax.Array) -> jax.Array:
     return k.transpose(2, 3, 4, 1, 0, 5).reshape(2, 2, cin, 4 * cout)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _phase_conv(x, k, precision=None):
+    """The 2x2 convolution of :func:`upsample2x_conv` over ``x`` padded by one on every side: ``(N, H + 1, W + 1,
+    4 * C_out)``. Its input gradient is written by hand: XLA's transpose of this convolution is an unpadded 2x2
+    convolution of the cotangent, which XLA:CPU (YNNPACK) runs 2.5-3x slower than the same convolution padded by
+    one at the end and cropped (16x17x17x512 -> 128: 38.7 against 15.5 ms; docs/benchmarks.md, session 15)."""
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC, precision=precision)
+
+
+def _phase_conv_fwd(x, k, precision):
+    return _phase_conv(x, k, precision), (x, k)
+
+
+def _phase_conv_bwd(precision, res, g):
+    x, k = res
+    _, h, w, _ = x.shape
+    # dx[i] = sum_t g[i + 1 - t] k[t] (t = 0, 1 per spatial axis): the flipped, transposed kernel over g. Padding
+    # g by one at the end only adds an output row and column past the input's, cropped here.
+    kt = jnp.flip(k, (0, 1)).swapaxes(2, 3)
+    dx = jax.lax.conv_general_dilated(g, kt, (1, 1), ((0, 1), (0, 1)), dimension_numbers=_NHWC,
+                                      precision=precision)[:, :h, :w]
+    # The kernel's gradient as XLA derives it (dropped by XLA when the layer is frozen).
+    _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC, precision=precision), k)
+    return dx.astype(x.dtype), kernel_vjp(g)[0]
+
+
+_phase_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
+
+
 def upsample2x_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, precision=None) -> jax.Array:
     """``conv3x3_same(nearest_upsample_x2(x))`` without building the upsampled input.
 
@@ -115,8 +179,7 @@ def upsample2x_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
     n, h, w, _ = x.shape
     cout = kernel.shape[-1]
     k = subpixel_kernel(kernel).astype(x.dtype)
-    z = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=precision)  # (N, H + 1, W + 1, 4 * C_out)
+    z = _phase_conv(x, k, precision)  # (N, H + 1, W + 1, 4 * C_out)
     z = z.reshape(n, h + 1, w + 1, 2, 2, cout)
     # Phase (a, b) of output pixel (i, j) sits at window (i + a, j + b).
     rows = [jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]  # (N, H, W, 2, C)

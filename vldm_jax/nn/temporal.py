@@ -21,7 +21,7 @@ from vldm_jax.nn.attention import Attention, FeedForward, Transformer2DModel
 from vldm_jax.nn.branches import MAX_ROW_BRANCHES, branch_count, join, split
 from vldm_jax.nn.embeddings import TimestepEmbedding, frame_index_embedding, relative_frame_embedding
 from vldm_jax.nn.norm import GroupNorm, LayerNorm
-from vldm_jax.nn.resnet import ResnetBlock2D
+from vldm_jax.nn.resnet import PointwiseConv, ResnetBlock2D
 from vldm_jax.parallel.activations import constrain_folded, constrain_frame_tokens, constrain_video
 
 # ------------------------------------------------------------------------------------------ frame folding
@@ -171,7 +171,7 @@ class TemporalResnetBlock(nnx.Module):
         if zero_init:
             self.conv2.kernel.set_value(jnp.zeros_like(self.conv2.kernel[...]))
             self.conv2.bias.set_value(jnp.zeros_like(self.conv2.bias[...]))
-        self.conv_shortcut = (nnx.Conv(in_channels, out_channels, (1, 1, 1), dtype=dtype, rngs=rngs)
+        self.conv_shortcut = (PointwiseConv(in_channels, out_channels, (1, 1, 1), dtype=dtype, rngs=rngs)
                               if in_channels != out_channels else None)
 
     branches: int | None = None  # row pieces computed side by side (nn/branches.py); None: automatic
@@ -471,7 +471,7 @@ class TemporalContextEncoder(nnx.Module):
             stride = 1 if i == 0 else 2
             convs.append(nnx.Conv(prev, ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
                                   dtype=dtype, rngs=rngs))
-            proj = nnx.Conv(ch, ch, (1, 1), dtype=dtype, rngs=rngs)
+            proj = PointwiseConv(ch, ch, (1, 1), dtype=dtype, rngs=rngs)
             zero_init_layer(proj)
             projections.append(proj)
         self.convs = nnx.List(convs)
