@@ -144,8 +144,9 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def _phase_conv(x, k, precision=None):
     """The 2x2 convolution of :func:`upsample2x_conv` over ``x`` padded by one on every side: ``(N, H + 1, W + 1,
     4 * C_out)``. Its input gradient is written by hand: XLA's transpose of this convolution is an unpadded 2x2
-    convolution of the cotangent, which XLA:CPU (YNNPACK) runs 2.5-3x slower than the same convolution padded by
-    one at the end and cropped (16x17x17x512 -> 128: 38.7 against 15.5 ms; docs/benchmarks.md, session 15)."""
+    convolution of the cotangent, which XLA:CPU (YNNPACK) runs 2-3x slower than the same convolution padded by
+    one at the end and cropped, from 17x17 up (16x17x17x512 -> 128: 38.7 against 15.5 ms; 0.88x at 9x9;
+    docs/benchmarks.md, session 15). On accelerators the two are the same work."""
     return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC, precision=precision)
 
 
