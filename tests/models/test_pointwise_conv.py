@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers.jaxprs import all_eqns
 from vldm_jax.nn.resnet import PointwiseConv, ResnetBlock2D, conv2d
 from vldm_jax.nn.temporal import TemporalResnetBlock
 
 
 def _primitives(fn, *args) -> set[str]:
-    def walk(jaxpr):
-        names = set()
-        for eqn in jaxpr.eqns:
-            names.add(eqn.primitive.name)
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                names |= walk(sub)
-        return names
-
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return {eqn.primitive.name for eqn in all_eqns(fn, *args)}
 
 
 @pytest.mark.parametrize("kernel,shape,bias", [((1, 1), (2, 5, 7, 6), True), ((1, 1, 1), (2, 3, 4, 5, 6), True),

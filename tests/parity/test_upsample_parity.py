@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers.jaxprs import all_eqns
 from vldm_jax.checkpoints.convert import torch_to_jax_layout
 from vldm_jax.nn.resnet import Upsample2D, subpixel_kernel, upsample2x_conv
 
@@ -128,23 +129,13 @@ def test_the_sub_pixel_form_is_the_cpus():
     np.testing.assert_allclose(np.asarray(m(x)), direct, rtol=1e-5, atol=1e-5)
 
 
-def _conv_paddings(jaxpr) -> list:
-    """The padding of every convolution in a jaxpr and the jaxprs nested in it."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            out.append(tuple(map(tuple, eqn.params["padding"])))
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            out += _conv_paddings(sub)
-    return out
-
-
 def test_the_input_gradient_convolves_with_padding():
     # XLA's own transpose of the padded 2x2 convolution is an unpadded one, which XLA:CPU runs 2.5-3x slower than
     # the padded-and-cropped convolution of the hand-written backward (docs/benchmarks.md, session 15).
     x = jnp.ones((1, 6, 5, 4), jnp.float32)
     kernel = jnp.ones((3, 3, 4, 3), jnp.float32)
     grad_x = jax.grad(lambda x, k: jnp.sum(upsample2x_conv(x, k) ** 2))
-    pads = _conv_paddings(jax.make_jaxpr(grad_x)(x, kernel).jaxpr)
+    pads = [tuple(map(tuple, e.params["padding"])) for e in all_eqns(grad_x, x, kernel)
+            if e.primitive.name == "conv_general_dilated"]
     assert all(any(p != (0, 0) for p in pad) for pad in pads), pads
     assert ((0, 1), (0, 1)) in pads

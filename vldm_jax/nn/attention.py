@@ -75,8 +75,6 @@ def set_attention_implementation(name: str | None) -> None:
     ATTENTION_IMPLEMENTATION = None if name in (None, "auto") else name
 
 
-
-
 def attention_implementation(dtype=jnp.float32) -> str:
     """The implementation a call of ``dtype`` inputs takes now: the switch, or the platform's choice for auto."""
     impl = ATTENTION_IMPLEMENTATION

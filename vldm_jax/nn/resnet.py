@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.linear import canonicalize_padding
 
 from vldm_jax.nn.norm import GroupNorm
 from vldm_jax.parallel.aot import trace_platform
@@ -23,9 +24,8 @@ class PointwiseConv(nnx.Conv):
 
     def _pointwise(self) -> bool:
         ones = lambda v: v is None or all(int(s) == 1 for s in ((v,) if isinstance(v, int) else v))
-        pad = self.padding
-        # 'SAME' pads a 1x1 window by nothing.
-        no_pad = pad in ("VALID", "SAME") or (not isinstance(pad, (str, int)) and all(tuple(p) == (0, 0) for p in pad))
+        pad = canonicalize_padding(self.padding, len(self.kernel_size))  # 'SAME' pads a 1x1 window by nothing
+        no_pad = pad in ("VALID", "SAME") or (not isinstance(pad, str) and all(tuple(p) == (0, 0) for p in pad))
         return (all(k == 1 for k in self.kernel_size) and no_pad and ones(self.strides)
                 and ones(self.input_dilation) and ones(self.kernel_dilation) and self.feature_group_count == 1
                 and self.mask is None)
